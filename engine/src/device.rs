@@ -1,0 +1,305 @@
+//! A device's life on the server side: ADD_DEV → SET_PARAMS → queue threads fetch every tag →
+//! START_DEV → serve → STOP_DEV → queues end → DEL_DEV.
+//!
+//! Until [`Device::create`] returns, any failure removes what was created: no half-made device
+//! is ever left behind.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::cpus::{pin_current_thread, place_queues};
+use crate::ctrl::Control;
+use crate::error::{Error, Result};
+use crate::queue::{Queue, QueueConfig, QueueExit};
+use crate::target::{Target, TargetParams};
+use crate::uapi::*;
+
+/// What the user asked for, independent of the target.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// `None`: the kernel picks the id.
+    pub dev_id: Option<u32>,
+    pub queues: u16,
+    pub depth: u16,
+    /// CPUs the queue threads may run on.
+    pub cpus: Vec<usize>,
+    pub max_io_bytes: u32,
+}
+
+impl DeviceConfig {
+    pub const DEFAULT_MAX_IO_BYTES: u32 = 512 * 1024;
+}
+
+/// Converts a target's parameters into the driver's.
+pub fn ublk_params(p: &TargetParams, max_io_bytes: u32) -> ublk_params {
+    let mut out = ublk_params {
+        types: UBLK_PARAM_TYPE_BASIC,
+        basic: ublk_param_basic {
+            attrs: p.attrs,
+            logical_bs_shift: p.logical_block.trailing_zeros() as u8,
+            physical_bs_shift: p.physical_block.trailing_zeros() as u8,
+            io_opt_shift: p.physical_block.trailing_zeros() as u8,
+            io_min_shift: p.logical_block.trailing_zeros() as u8,
+            max_sectors: max_io_bytes >> 9,
+            chunk_sectors: 0,
+            dev_sectors: p.size_bytes >> 9,
+            virt_boundary_mask: 0,
+        },
+        ..Default::default()
+    };
+    if let Some(d) = p.discard {
+        out.types |= UBLK_PARAM_TYPE_DISCARD;
+        out.discard = ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: d.granularity,
+            max_discard_sectors: d.max_discard_sectors,
+            max_write_zeroes_sectors: d.max_write_zeroes_sectors,
+            max_discard_segments: 1,
+            reserved0: 0,
+        };
+    }
+    out
+}
+
+struct QueueThread {
+    stop: OwnedFd,
+    handle: Option<JoinHandle<Result<QueueExit>>>,
+}
+
+/// A started device and its queue threads.
+pub struct Device {
+    ctrl: Control,
+    pub info: ublksrv_ctrl_dev_info,
+    pub features: u64,
+    pub queue_cpus: Vec<usize>,
+    queues: Vec<QueueThread>,
+    // Closed after the queue threads are joined (they use its fd).
+    cdev: Option<File>,
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd has no memory-safety preconditions.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::last_os("eventfd"));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn kick(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local into an eventfd.
+    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+/// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to create the node.
+fn open_cdev(id: u32) -> Result<File> {
+    let path = format!("/dev/ublkc{id}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(Error::os("open /dev/ublkcN", e).dev(id)),
+        }
+    }
+}
+
+impl Device {
+    /// Creates, configures and starts a device served by `target`.
+    pub fn create(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<Device> {
+        let mut ctrl = Control::open()?;
+        let features = ctrl.features()?;
+        let mut info = ublksrv_ctrl_dev_info {
+            nr_hw_queues: cfg.queues,
+            queue_depth: cfg.depth,
+            max_io_buf_bytes: cfg.max_io_bytes,
+            dev_id: cfg.dev_id.unwrap_or(u32::MAX),
+            flags: UBLK_F_CMD_IOCTL_ENCODE & features,
+            ..Default::default()
+        };
+        ctrl.add_dev(&mut info)?;
+        let mut dev = Device {
+            ctrl,
+            info,
+            features,
+            queue_cpus: Vec::new(),
+            queues: Vec::new(),
+            cdev: None,
+        };
+        match dev.bring_up(cfg, target) {
+            Ok(()) => Ok(dev),
+            Err(e) => {
+                dev.teardown();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.info.dev_id
+    }
+
+    fn bring_up(&mut self, cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<()> {
+        let id = self.info.dev_id;
+        let params = ublk_params(&target.params(), cfg.max_io_bytes);
+        self.ctrl.set_params(id, &params)?;
+        let cdev = open_cdev(id)?;
+        let cdev_fd = cdev.as_raw_fd();
+        self.cdev = Some(cdev);
+
+        let mut affinity = Vec::with_capacity(usize::from(cfg.queues));
+        for q in 0..cfg.queues {
+            affinity.push(self.ctrl.queue_affinity(id, q)?);
+        }
+        self.queue_cpus = place_queues(&cfg.cpus, &affinity);
+
+        let (ready_tx, ready_rx) = mpsc::channel::<(u16, Result<()>)>();
+        for q in 0..cfg.queues {
+            let stop = eventfd()?;
+            let qcfg = QueueConfig {
+                dev_id: id,
+                q,
+                depth: cfg.depth,
+                max_io_bytes: cfg.max_io_bytes,
+                cdev_fd,
+                files: target.files(),
+                stop_fd: stop.as_raw_fd(),
+            };
+            let cpu = self.queue_cpus[usize::from(q)];
+            let target = Arc::clone(&target);
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ublk{id}q{q}"))
+                .spawn(move || queue_main(qcfg, cpu, target, ready))
+                .map_err(|e| Error::os("spawn queue thread", e).queue(q))?;
+            self.queues.push(QueueThread { stop, handle: Some(handle) });
+        }
+        drop(ready_tx);
+        for _ in 0..cfg.queues {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((q, Err(e))) => return Err(e.queue(q).dev(id)),
+                Err(_) => return Err(Error::Invalid("a queue thread died during setup".into())),
+            }
+        }
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        self.ctrl.start_dev(id, pid)?;
+        self.info = self.ctrl.dev_info(id)?;
+        Ok(())
+    }
+
+    /// True once any queue thread has ended (the device was stopped or deleted from outside).
+    pub fn any_queue_ended(&self) -> bool {
+        self.queues.iter().any(|q| q.handle.as_ref().is_none_or(|h| h.is_finished()))
+    }
+
+    /// Tells every queue to stop and joins them. Returns the first queue error.
+    fn join_queues(&mut self) -> Result<QueueExit> {
+        for q in &self.queues {
+            kick(q.stop.as_raw_fd());
+        }
+        let mut total = QueueExit::default();
+        let mut first_err = None;
+        for q in &mut self.queues {
+            if let Some(h) = q.handle.take() {
+                match h.join() {
+                    Ok(Ok(x)) => {
+                        total.requests += x.requests;
+                        total.aborted_tags += x.aborted_tags;
+                    }
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(Error::Invalid("a queue thread panicked".into()));
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// STOP_DEV (the kernel flushes outstanding I/O through our queues and aborts the fetches),
+    /// join the queues, close `/dev/ublkcN`, DEL_DEV.
+    fn teardown(&mut self) -> Option<Error> {
+        let id = self.info.dev_id;
+        let mut err = None;
+        if let Err(e) = self.ctrl.stop_dev(id) {
+            // ENODEV/ENOENT: somebody (ublk-fast del) removed it already.
+            if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) {
+                err = Some(e);
+            }
+        }
+        if let Err(e) = self.join_queues() {
+            err.get_or_insert(e);
+        }
+        self.cdev = None;
+        if let Err(e) = self.ctrl.del_dev(id) {
+            if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) {
+                err.get_or_insert(e);
+            }
+        }
+        err
+    }
+
+    /// Stops and deletes the device.
+    pub fn remove(mut self) -> Result<()> {
+        match self.teardown() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The device was stopped from outside: join the queues and close our end so a pending
+    /// DEL_DEV can finish. Does not delete.
+    pub fn release(mut self) -> Result<()> {
+        let r = self.join_queues().map(|_| ());
+        self.cdev = None;
+        r
+    }
+}
+
+/// `prctl` option (linux/prctl.h, 5.6+); not exported by the libc crate.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+fn queue_main(
+    cfg: QueueConfig,
+    cpu: usize,
+    target: Arc<dyn Target>,
+    ready: mpsc::Sender<(u16, Result<()>)>,
+) -> Result<QueueExit> {
+    let q = cfg.q;
+    let setup = || -> Result<Queue> {
+        pin_current_thread(cpu).map_err(|e| Error::os("sched_setaffinity", e))?;
+        // Lets the queue thread allocate memory while the block layer writes back through us.
+        // SAFETY: prctl with integer arguments only. Failure (no CAP_SYS_RESOURCE) is harmless.
+        unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+        let handler = target.queue_handler(cfg.q, cfg.depth)?;
+        Queue::new(cfg, handler)
+    };
+    let mut queue = match setup() {
+        Ok(qu) => {
+            let _ = ready.send((q, Ok(())));
+            qu
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = ready.send((q, Err(e)));
+            return Err(Error::Invalid(msg));
+        }
+    };
+    drop(ready);
+    queue.run()
+}

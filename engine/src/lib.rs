@@ -1,0 +1,14 @@
+//! The ublk-fast engine: ublk UAPI bindings, the control plane, and the per-queue io_uring
+//! engine that serves requests for a [`target::Target`].
+
+pub mod buf;
+pub mod cpus;
+pub mod ctrl;
+pub mod device;
+pub mod error;
+pub mod queue;
+pub mod tag;
+pub mod target;
+pub mod uapi;
+
+pub use error::{Error, Result};

@@ -1,0 +1,353 @@
+//! One hardware queue: one thread, one io_uring carrying both the ublk commands and the
+//! target's backend I/O.
+//!
+//! The loop: wait for completions → copy a bounded batch of CQEs out → advance each tag →
+//! queue the resulting SQEs (backend I/O and COMMIT_AND_FETCH together) → one `io_uring_enter`
+//! that submits them and waits for the next completions.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::buf::IoBufs;
+use crate::ctrl::ring_setup_error;
+use crate::error::{Error, Result};
+use crate::tag::{Kind, Tag, TagState, UserData};
+use crate::target::{Flow, QueueHandler, Request, Submit};
+use crate::uapi::*;
+
+/// Fixed-file index of `/dev/ublkcN` on every queue ring; backing files follow it.
+pub const CDEV_FIXED: u32 = 0;
+
+pub struct QueueConfig {
+    pub dev_id: u32,
+    pub q: u16,
+    pub depth: u16,
+    pub max_io_bytes: u32,
+    pub cdev_fd: RawFd,
+    /// Backing files, registered at fixed indexes 1.. in this order.
+    pub files: Vec<RawFd>,
+    /// An eventfd: readable means "stop once no backend I/O is in flight".
+    pub stop_fd: RawFd,
+}
+
+/// The queue's read-only view of the driver's descriptor array for this queue.
+struct DescMap {
+    ptr: *const ublksrv_io_desc,
+    len: usize,
+    depth: u16,
+}
+
+impl DescMap {
+    fn new(cdev_fd: RawFd, q: u16, depth: u16) -> Result<Self> {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let len = queue_desc_map_len(depth, page) as usize;
+        let off = queue_desc_map_offset(q, page);
+        // SAFETY: a fresh shared read-only mapping of the char device; the kernel validates the
+        // offset and length. Nothing else aliases the returned range.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                cdev_fd,
+                off as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::last_os("mmap descriptor array").queue(q));
+        }
+        Ok(DescMap { ptr: ptr as *const ublksrv_io_desc, len, depth })
+    }
+
+    fn read(&self, tag: u16) -> ublksrv_io_desc {
+        assert!(tag < self.depth);
+        // SAFETY: the mapping holds `depth` descriptors and tag < depth. The driver wrote this
+        // one before completing the fetch whose CQE we just reaped, and does not touch it again
+        // until we commit; volatile because the memory is shared with the kernel.
+        unsafe { std::ptr::read_volatile(self.ptr.add(usize::from(tag))) }
+    }
+}
+
+impl Drop for DescMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the range mmap returned; no reference into it outlives self.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Builds the queue ring: the fastest setup flags the kernel accepts.
+fn build_ring(sq: u32, cq: u32) -> Result<IoUring> {
+    let fast = IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(sq);
+    match fast {
+        Ok(r) => Ok(r),
+        // Older kernels (< 6.1) reject DEFER_TASKRUN / SINGLE_ISSUER: use a plain ring.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::builder().setup_cqsize(cq).build(sq).map_err(ring_setup_error)
+        }
+        Err(e) => Err(ring_setup_error(e)),
+    }
+}
+
+/// Pushes one SQE, submitting first if the queue is full.
+///
+/// # Safety
+/// Whatever `sqe` points at must stay valid until its CQE is reaped.
+unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) {
+    loop {
+        // SAFETY: forwarded from the caller.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return;
+        }
+        match ring.submit() {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+            Err(e) => panic!("io_uring_enter failed while the submission queue is full: {e}"),
+        }
+    }
+}
+
+/// The handler's view of the ring: stamps `user_data` and counts backend ops in flight.
+struct Sq<'a> {
+    ring: &'a mut IoUring,
+    tags: &'a mut [Tag],
+    backend_inflight: &'a mut usize,
+}
+
+impl Submit for Sq<'_> {
+    unsafe fn push(&mut self, req: &Request, sub: u8, sqe: squeue::Entry) {
+        let t = &mut self.tags[usize::from(req.tag)];
+        t.issue();
+        *self.backend_inflight += 1;
+        let ud = UserData { tag: req.tag, kind: Kind::Target, sub, gen: t.gen };
+        // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
+        unsafe { push_sqe(self.ring, &sqe.user_data(ud.encode())) };
+    }
+}
+
+/// How the queue ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueExit {
+    pub requests: u64,
+    pub aborted_tags: u16,
+}
+
+pub struct Queue {
+    // Drop order matters: the ring goes first, cancelling every ublk command and backend op that
+    // still points into the descriptor map and the buffers declared after it.
+    ring: IoUring,
+    desc: DescMap,
+    bufs: IoBufs,
+    handler: Box<dyn QueueHandler>,
+    tags: Vec<Tag>,
+    reqs: Vec<Request>,
+    cqes: Vec<(u64, i32)>,
+    cfg: QueueConfig,
+    live_tags: usize,
+    backend_inflight: usize,
+    stopping: bool,
+    stop_buf: u64,
+    requests: u64,
+}
+
+impl Queue {
+    /// Sets the queue up on the calling thread (the ring must be created by the thread that
+    /// will submit on it: SINGLE_ISSUER, and ublk's one-daemon-task-per-queue rule).
+    pub fn new(cfg: QueueConfig, handler: Box<dyn QueueHandler>) -> Result<Self> {
+        let depth = cfg.depth;
+        // Room for one ublk command plus a backend op per tag, with headroom for resubmits.
+        let sq = (u32::from(depth) * 2).next_power_of_two();
+        let cq = sq * 2;
+        let ring = build_ring(sq, cq).map_err(|e| e.queue(cfg.q))?;
+        let mut fds = Vec::with_capacity(1 + cfg.files.len());
+        fds.push(cfg.cdev_fd);
+        fds.extend_from_slice(&cfg.files);
+        ring.submitter()
+            .register_files(&fds)
+            .map_err(|e| Error::os("register files", e).queue(cfg.q))?;
+        let desc = DescMap::new(cfg.cdev_fd, cfg.q, depth).map_err(|e| e.dev(cfg.dev_id))?;
+        let bufs = IoBufs::new(depth, cfg.max_io_bytes).map_err(|e| e.queue(cfg.q))?;
+        let reqs = (0..depth)
+            .map(|tag| Request {
+                tag,
+                desc: ublksrv_io_desc::default(),
+                buf: bufs.ptr(tag),
+                buf_len: bufs.per_tag(),
+            })
+            .collect();
+        Ok(Queue {
+            ring,
+            desc,
+            bufs,
+            handler,
+            tags: vec![Tag::new(); usize::from(depth)],
+            reqs,
+            cqes: Vec::with_capacity(cq as usize),
+            cfg,
+            live_tags: 0,
+            backend_inflight: 0,
+            stopping: false,
+            stop_buf: 0,
+            requests: 0,
+        })
+    }
+
+    fn push_ublk(&mut self, tag: u16, op: u32, result: i32) {
+        let cmd = ublksrv_io_cmd {
+            q_id: self.cfg.q,
+            tag,
+            result,
+            addr: self.bufs.ptr(tag) as u64,
+        };
+        let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
+        let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
+            .cmd(cmd.to_bytes())
+            .build()
+            .user_data(ud.encode());
+        // SAFETY: the command bytes are copied into the SQE; the buffer address it carries is
+        // the tag's buffer, which lives in `self.bufs` and outlives the ring (drop order).
+        unsafe { push_sqe(&mut self.ring, &sqe) };
+    }
+
+    fn arm_stop(&mut self) {
+        let ud = UserData { tag: 0, kind: Kind::Engine, sub: 0, gen: 0 };
+        let sqe = opcode::PollAdd::new(types::Fd(self.cfg.stop_fd), libc::POLLIN as u32)
+            .build()
+            .user_data(ud.encode());
+        // SAFETY: poll references no memory of ours; the eventfd outlives the queue (owned by
+        // the device, which joins this thread before closing it).
+        unsafe { push_sqe(&mut self.ring, &sqe) };
+    }
+
+    /// Serves until every tag is aborted by the driver, or a stop is requested and no backend
+    /// I/O is in flight.
+    pub fn run(&mut self) -> Result<QueueExit> {
+        for tag in 0..self.cfg.depth {
+            self.tags[usize::from(tag)].fetch();
+            self.push_ublk(tag, UBLK_U_IO_FETCH_REQ, 0);
+        }
+        self.live_tags = usize::from(self.cfg.depth);
+        self.arm_stop();
+        loop {
+            let done = self.live_tags == 0 || self.stopping;
+            if done && self.backend_inflight == 0 {
+                // Hand the last commits to the kernel before the ring goes away.
+                let _ = self.ring.submit();
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(Error::os("io_uring_enter", e).queue(self.cfg.q)),
+            }
+            self.drain();
+        }
+        let aborted = self.tags.iter().filter(|t| t.state == TagState::Done).count();
+        Ok(QueueExit { requests: self.requests, aborted_tags: aborted as u16 })
+    }
+
+    fn drain(&mut self) {
+        self.cqes.clear();
+        let cap = self.cqes.capacity();
+        self.cqes.extend(self.ring.completion().take(cap).map(|c| (c.user_data(), c.result())));
+        for i in 0..self.cqes.len() {
+            let (ud, res) = self.cqes[i];
+            self.dispatch(ud, res);
+        }
+    }
+
+    fn dispatch(&mut self, ud: u64, res: i32) {
+        let Some(ud) = UserData::decode(ud) else {
+            debug_assert!(false, "unknown user_data {ud:#x}");
+            return;
+        };
+        let tag = ud.tag;
+        match ud.kind {
+            Kind::Engine => {
+                self.stopping = true;
+                // Drain the eventfd so a later poll does not fire again at once.
+                // SAFETY: reading 8 bytes into an 8-byte local from an eventfd we own.
+                unsafe { libc::read(self.cfg.stop_fd, &mut self.stop_buf as *mut u64 as *mut _, 8) };
+            }
+            Kind::Ublk => {
+                let t = &mut self.tags[usize::from(tag)];
+                if t.state != TagState::Fetching {
+                    debug_assert!(false, "ublk CQE for tag {tag} in {:?}", t.state);
+                    return;
+                }
+                if res == UBLK_IO_RES_OK {
+                    t.deliver();
+                    self.requests += 1;
+                    let req = &mut self.reqs[usize::from(tag)];
+                    req.desc = self.desc.read(tag);
+                    let req = *req;
+                    let mut sq = Sq {
+                        ring: &mut self.ring,
+                        tags: &mut self.tags,
+                        backend_inflight: &mut self.backend_inflight,
+                    };
+                    let flow = self.handler.start(&req, &mut sq);
+                    self.settle(tag, flow);
+                } else {
+                    if res != UBLK_IO_RES_ABORT {
+                        eprintln!(
+                            "ublk-fast: dev {} queue {} tag {tag}: fetch failed: {}",
+                            self.cfg.dev_id,
+                            self.cfg.q,
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    }
+                    t.finish();
+                    self.live_tags -= 1;
+                }
+            }
+            Kind::Target => {
+                if !self.tags[usize::from(tag)].reap(ud.gen) {
+                    debug_assert!(false, "stale backend CQE for tag {tag}");
+                    return;
+                }
+                self.backend_inflight -= 1;
+                let req = self.reqs[usize::from(tag)];
+                let mut sq = Sq {
+                    ring: &mut self.ring,
+                    tags: &mut self.tags,
+                    backend_inflight: &mut self.backend_inflight,
+                };
+                let flow = self.handler.complete(&req, ud.sub, res, &mut sq);
+                self.settle(tag, flow);
+            }
+        }
+    }
+
+    /// Commits a finished request (and fetches the tag's next one).
+    fn settle(&mut self, tag: u16, flow: Flow) {
+        let t = &mut self.tags[usize::from(tag)];
+        let res = match flow {
+            Flow::Pending if t.inflight > 0 => return,
+            Flow::Pending => {
+                debug_assert!(false, "target left tag {tag} pending with nothing in flight");
+                -libc::EIO
+            }
+            Flow::Done(_) if t.inflight > 0 => {
+                debug_assert!(false, "target finished tag {tag} with I/O in flight");
+                return;
+            }
+            Flow::Done(r) => r,
+        };
+        t.commit();
+        self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
+    }
+}

@@ -1,0 +1,88 @@
+//! What a target (null, loop, ...) gives the engine: its device parameters, its backing files,
+//! and a per-queue handler that serves requests on the queue's own ring.
+
+use std::os::fd::RawFd;
+
+use io_uring::squeue;
+
+use crate::error::Result;
+use crate::uapi::ublksrv_io_desc;
+
+/// Block-device parameters a target asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetParams {
+    pub size_bytes: u64,
+    pub logical_block: u32,
+    pub physical_block: u32,
+    /// `UBLK_ATTR_*`.
+    pub attrs: u32,
+    /// Discard / write-zeroes limits; `None` turns both off.
+    pub discard: Option<DiscardLimits>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiscardLimits {
+    pub granularity: u32,
+    pub max_discard_sectors: u32,
+    pub max_write_zeroes_sectors: u32,
+}
+
+/// The outcome of serving a request so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Finished: commit this result (bytes done, or `-errno`).
+    Done(i32),
+    /// Backend operations are in flight; the target hears of each completion.
+    Pending,
+}
+
+/// One request as the queue handler sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub tag: u16,
+    pub desc: ublksrv_io_desc,
+    /// The tag's I/O buffer (copy mode): the kernel copies write data into it before delivering
+    /// the request and copies read data out of it after the commit.
+    pub buf: *mut u8,
+    pub buf_len: usize,
+}
+
+impl Request {
+    pub fn bytes(&self) -> usize {
+        self.desc.nr_sectors as usize * 512
+    }
+    pub fn offset(&self) -> u64 {
+        self.desc.start_sector * 512
+    }
+}
+
+/// How a handler queues SQEs on its ring: the engine stamps `user_data` (tag, sub-op,
+/// generation) and counts them in flight.
+pub trait Submit {
+    /// Queues `sqe` for `req`; `sub` is a byte the target gets back with the completion.
+    ///
+    /// # Safety
+    /// Every buffer `sqe` points at must stay valid until its completion is delivered to
+    /// [`QueueHandler::complete`]. The tag's own buffer (`Request::buf`) does.
+    unsafe fn push(&mut self, req: &Request, sub: u8, sqe: squeue::Entry);
+}
+
+/// Serves one queue's requests. Lives on (and only on) that queue's thread.
+pub trait QueueHandler {
+    fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow;
+    /// One of the SQEs this handler pushed for `req` completed with `res`.
+    fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow;
+}
+
+pub trait Target: Send + Sync {
+    /// `null`, `loop`, ...
+    fn name(&self) -> &'static str;
+    /// The target's arguments, for `list`.
+    fn args(&self) -> Vec<String>;
+    fn params(&self) -> TargetParams;
+    /// Backing files, registered on every queue ring at fixed indexes 1.. (0 is `/dev/ublkcN`).
+    fn files(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    fn queue_handler(&self, q: u16, depth: u16) -> Result<Box<dyn QueueHandler>>;
+}

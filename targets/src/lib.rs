@@ -1,0 +1,5 @@
+//! ublk-fast targets, one module each.
+
+pub mod null;
+
+pub use null::NullTarget;
