@@ -27,7 +27,11 @@ impl IoBufs {
         // Transparent huge pages where the kernel allows: fewer TLB misses on big I/O.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
-        Ok(IoBufs { map, per_tag, depth })
+        Ok(IoBufs {
+            map,
+            per_tag,
+            depth,
+        })
     }
 
     pub fn per_tag(&self) -> usize {
@@ -38,7 +42,9 @@ impl IoBufs {
     pub fn ptr(&self, tag: u16) -> *mut u8 {
         assert!(tag < self.depth, "tag {tag} out of range");
         // The mapping is `per_tag * depth` long and tag < depth, so this stays inside it.
-        self.map.as_ptr().wrapping_add(self.per_tag * usize::from(tag)) as *mut u8
+        self.map
+            .as_ptr()
+            .wrapping_add(self.per_tag * usize::from(tag)) as *mut u8
     }
 }
 

@@ -113,8 +113,13 @@ fn open_cdev(id: u32) -> Result<File> {
 }
 
 impl Device {
-    /// Creates, configures and starts a device served by `target`.
-    pub fn create(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<Device> {
+    /// Creates, configures and starts a device served by `target`. `on_added` hears the id as
+    /// soon as the kernel assigned it, so a supervising process can clean up if we die.
+    pub fn create(
+        cfg: &DeviceConfig,
+        target: Arc<dyn Target>,
+        on_added: &mut dyn FnMut(u32),
+    ) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
         let mut info = ublksrv_ctrl_dev_info {
@@ -126,6 +131,7 @@ impl Device {
             ..Default::default()
         };
         ctrl.add_dev(&mut info)?;
+        on_added(info.dev_id);
         let mut dev = Device {
             ctrl,
             info,
@@ -180,7 +186,10 @@ impl Device {
                 .name(format!("ublk{id}q{q}"))
                 .spawn(move || queue_main(qcfg, cpu, target, ready))
                 .map_err(|e| Error::os("spawn queue thread", e).queue(q))?;
-            self.queues.push(QueueThread { stop, handle: Some(handle) });
+            self.queues.push(QueueThread {
+                stop,
+                handle: Some(handle),
+            });
         }
         drop(ready_tx);
         for _ in 0..cfg.queues {
@@ -199,7 +208,9 @@ impl Device {
 
     /// True once any queue thread has ended (the device was stopped or deleted from outside).
     pub fn any_queue_ended(&self) -> bool {
-        self.queues.iter().any(|q| q.handle.as_ref().is_none_or(|h| h.is_finished()))
+        self.queues
+            .iter()
+            .any(|q| q.handle.as_ref().is_none_or(|h| h.is_finished()))
     }
 
     /// Tells every queue to stop and joins them. Returns the first queue error.

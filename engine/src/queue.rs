@@ -60,7 +60,11 @@ impl DescMap {
         if ptr == libc::MAP_FAILED {
             return Err(Error::last_os("mmap descriptor array").queue(q));
         }
-        Ok(DescMap { ptr: ptr as *const ublksrv_io_desc, len, depth })
+        Ok(DescMap {
+            ptr: ptr as *const ublksrv_io_desc,
+            len,
+            depth,
+        })
     }
 
     fn read(&self, tag: u16) -> ublksrv_io_desc {
@@ -90,9 +94,10 @@ fn build_ring(sq: u32, cq: u32) -> Result<IoUring> {
     match fast {
         Ok(r) => Ok(r),
         // Older kernels (< 6.1) reject DEFER_TASKRUN / SINGLE_ISSUER: use a plain ring.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            IoUring::builder().setup_cqsize(cq).build(sq).map_err(ring_setup_error)
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+            .setup_cqsize(cq)
+            .build(sq)
+            .map_err(ring_setup_error),
         Err(e) => Err(ring_setup_error(e)),
     }
 }
@@ -110,7 +115,10 @@ unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) {
         match ring.submit() {
             Ok(_) => {}
             Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) => {}
             Err(e) => panic!("io_uring_enter failed while the submission queue is full: {e}"),
         }
     }
@@ -128,7 +136,12 @@ impl Submit for Sq<'_> {
         let t = &mut self.tags[usize::from(req.tag)];
         t.issue();
         *self.backend_inflight += 1;
-        let ud = UserData { tag: req.tag, kind: Kind::Target, sub, gen: t.gen };
+        let ud = UserData {
+            tag: req.tag,
+            kind: Kind::Target,
+            sub,
+            gen: t.gen,
+        };
         // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
         unsafe { push_sqe(self.ring, &sqe.user_data(ud.encode())) };
     }
@@ -208,7 +221,12 @@ impl Queue {
             result,
             addr: self.bufs.ptr(tag) as u64,
         };
-        let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
+        let ud = UserData {
+            tag,
+            kind: Kind::Ublk,
+            sub: 0,
+            gen: 0,
+        };
         let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
             .cmd(cmd.to_bytes())
             .build()
@@ -219,7 +237,12 @@ impl Queue {
     }
 
     fn arm_stop(&mut self) {
-        let ud = UserData { tag: 0, kind: Kind::Engine, sub: 0, gen: 0 };
+        let ud = UserData {
+            tag: 0,
+            kind: Kind::Engine,
+            sub: 0,
+            gen: 0,
+        };
         let sqe = opcode::PollAdd::new(types::Fd(self.cfg.stop_fd), libc::POLLIN as u32)
             .build()
             .user_data(ud.encode());
@@ -255,14 +278,26 @@ impl Queue {
             }
             self.drain();
         }
-        let aborted = self.tags.iter().filter(|t| t.state == TagState::Done).count();
-        Ok(QueueExit { requests: self.requests, aborted_tags: aborted as u16 })
+        let aborted = self
+            .tags
+            .iter()
+            .filter(|t| t.state == TagState::Done)
+            .count();
+        Ok(QueueExit {
+            requests: self.requests,
+            aborted_tags: aborted as u16,
+        })
     }
 
     fn drain(&mut self) {
         self.cqes.clear();
         let cap = self.cqes.capacity();
-        self.cqes.extend(self.ring.completion().take(cap).map(|c| (c.user_data(), c.result())));
+        self.cqes.extend(
+            self.ring
+                .completion()
+                .take(cap)
+                .map(|c| (c.user_data(), c.result())),
+        );
         for i in 0..self.cqes.len() {
             let (ud, res) = self.cqes[i];
             self.dispatch(ud, res);
@@ -280,7 +315,13 @@ impl Queue {
                 self.stopping = true;
                 // Drain the eventfd so a later poll does not fire again at once.
                 // SAFETY: reading 8 bytes into an 8-byte local from an eventfd we own.
-                unsafe { libc::read(self.cfg.stop_fd, &mut self.stop_buf as *mut u64 as *mut _, 8) };
+                unsafe {
+                    libc::read(
+                        self.cfg.stop_fd,
+                        &mut self.stop_buf as *mut u64 as *mut _,
+                        8,
+                    )
+                };
             }
             Kind::Ublk => {
                 let t = &mut self.tags[usize::from(tag)];
@@ -338,7 +379,10 @@ impl Queue {
         let res = match flow {
             Flow::Pending if t.inflight > 0 => return,
             Flow::Pending => {
-                debug_assert!(false, "target left tag {tag} pending with nothing in flight");
+                debug_assert!(
+                    false,
+                    "target left tag {tag} pending with nothing in flight"
+                );
                 -libc::EIO
             }
             Flow::Done(_) if t.inflight > 0 => {

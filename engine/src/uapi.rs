@@ -588,18 +588,30 @@ mod tests {
     fn user_copy_offsets() {
         assert_eq!(user_copy_offset(0, 0, 0), 0x8000_0000);
         assert_eq!(user_copy_offset(0, 1, 0), 0x8000_0000 + (1 << 25));
-        assert_eq!(user_copy_offset(2, 3, 512), 0x8000_0000 + (2 << 41) + (3 << 25) + 512);
+        assert_eq!(
+            user_copy_offset(2, 3, 512),
+            0x8000_0000 + (2 << 41) + (3 << 25) + 512
+        );
     }
 
     #[test]
     fn auto_buf_reg_encoding() {
-        let r = ublk_auto_buf_reg { index: 0x1234, flags: UBLK_AUTO_BUF_REG_FALLBACK, ..Default::default() };
+        let r = ublk_auto_buf_reg {
+            index: 0x1234,
+            flags: UBLK_AUTO_BUF_REG_FALLBACK,
+            ..Default::default()
+        };
         assert_eq!(r.to_sqe_addr(), 0x1_1234);
     }
 
     #[test]
     fn io_cmd_bytes_are_the_struct_bytes() {
-        let c = ublksrv_io_cmd { q_id: 1, tag: 2, result: -5, addr: 0x1122_3344_5566_7788 };
+        let c = ublksrv_io_cmd {
+            q_id: 1,
+            tag: 2,
+            result: -5,
+            addr: 0x1122_3344_5566_7788,
+        };
         let b = c.to_bytes();
         // SAFETY: ublksrv_io_cmd is repr(C), 16 bytes, no padding; reading its bytes is sound.
         let raw: [u8; 16] = unsafe { std::mem::transmute(c) };
@@ -608,14 +620,20 @@ mod tests {
 
     #[test]
     fn feature_names_cover_known_and_unknown_bits() {
-        assert_eq!(feature_names(UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG), ["USER_COPY", "AUTO_BUF_REG"]);
+        assert_eq!(
+            feature_names(UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG),
+            ["USER_COPY", "AUTO_BUF_REG"]
+        );
         assert_eq!(feature_names(1 << 20), ["BIT20"]);
         assert_eq!(FEATURE_NAMES.len(), 20);
     }
 
     #[test]
     fn desc_op_and_flags() {
-        let d = ublksrv_io_desc { op_flags: u32::from(UBLK_IO_OP_WRITE) | UBLK_IO_F_FUA, ..Default::default() };
+        let d = ublksrv_io_desc {
+            op_flags: u32::from(UBLK_IO_OP_WRITE) | UBLK_IO_F_FUA,
+            ..Default::default()
+        };
         assert_eq!(d.op(), UBLK_IO_OP_WRITE);
         assert_eq!(d.flags() & UBLK_IO_F_FUA, UBLK_IO_F_FUA);
     }

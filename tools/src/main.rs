@@ -1,1 +1,210 @@
-fn main() {}
+//! `ublk-fast`: create, list and delete ublk devices served by this process.
+
+mod admin;
+mod cli;
+mod daemon;
+mod record;
+mod size;
+
+use std::sync::Arc;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use ublk_fast_engine::cpus::{online_cpus, parse_cpu_list};
+use ublk_fast_engine::ctrl::CONTROL_PATH;
+use ublk_fast_engine::device::DeviceConfig;
+use ublk_fast_engine::target::Target;
+use ublk_fast_targets::{LoopOptions, LoopTarget, NullTarget};
+
+use cli::{AddOpts, Cli, Command, TargetCmd};
+
+/// A one-line message and the exit status that goes with it.
+#[derive(Debug)]
+pub struct CliError {
+    pub msg: String,
+    pub code: i32,
+}
+
+impl CliError {
+    /// The user asked for something that cannot be: exit 2.
+    pub fn usage(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 2,
+        }
+    }
+    /// The system refused: exit 1.
+    pub fn runtime(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 1,
+        }
+    }
+}
+
+impl From<ublk_fast_engine::Error> for CliError {
+    fn from(e: ublk_fast_engine::Error) -> Self {
+        CliError::runtime(e.to_string())
+    }
+}
+
+/// What must hold before any command talks to the driver, checked in the order a user fixes it.
+fn preflight() -> Result<(), CliError> {
+    if !std::path::Path::new(CONTROL_PATH).exists() {
+        return Err(CliError::runtime(format!(
+            "{CONTROL_PATH} not found: the ublk driver is not loaded (run `modprobe ublk_drv` as root)"
+        )));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(CliError::runtime(
+            "must run as root: ublk devices are managed through /dev/ublk-control (try sudo)",
+        ));
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if s.trim() == "2" {
+            return Err(CliError::runtime(
+                "io_uring is disabled (kernel.io_uring_disabled=2): ublk needs it; run `sysctl kernel.io_uring_disabled=0`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn build_target(t: &TargetCmd) -> Result<Arc<dyn Target>, CliError> {
+    match t {
+        TargetCmd::Null(a) => {
+            let size = size::parse_size(&a.size)
+                .map_err(|m| CliError::usage(format!("null --size: {m}")))?;
+            if size == 0 || size % 512 != 0 {
+                return Err(CliError::usage(format!(
+                    "null --size {}: must be a non-zero multiple of 512 bytes",
+                    a.size
+                )));
+            }
+            Ok(Arc::new(NullTarget { size_bytes: size }))
+        }
+        TargetCmd::Loop(a) => {
+            let opts = LoopOptions {
+                buffered: a.buffered,
+                read_only: a.read_only,
+                block_size: a.block_size,
+                discard: !a.no_discard,
+            };
+            let t = LoopTarget::open(&a.path, &opts).map_err(|e| CliError::usage(e.to_string()))?;
+            Ok(Arc::new(t))
+        }
+    }
+}
+
+fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
+    preflight()?;
+    let online = online_cpus()?;
+    let cpus = match &opts.cpus {
+        None => online.clone(),
+        Some(s) => {
+            let cpus =
+                parse_cpu_list(s).map_err(|m| CliError::usage(format!("--cpus {s}: {m}")))?;
+            let offline: Vec<String> = cpus
+                .iter()
+                .filter(|c| !online.contains(c))
+                .map(|c| c.to_string())
+                .collect();
+            if !offline.is_empty() {
+                let on =
+                    std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+                return Err(CliError::usage(format!(
+                    "--cpus {s}: CPU {} is not online (online CPUs: {})",
+                    offline.join(","),
+                    on.trim()
+                )));
+            }
+            cpus
+        }
+    };
+    let queues = opts.queues.unwrap_or(cpus.len().min(4096) as u16);
+    let depth = opts.depth.unwrap_or(128);
+    let target = build_target(&target)?;
+    let cfg = DeviceConfig {
+        dev_id: opts.id,
+        queues,
+        depth,
+        cpus,
+        max_io_bytes: DeviceConfig::DEFAULT_MAX_IO_BYTES,
+    };
+    if opts.foreground {
+        daemon::run_foreground(&cfg, target)
+    } else {
+        daemon::run_background(&cfg, target)
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let only_for_add = |cmd: &str| {
+        CliError::usage(format!(
+            "--cpus/--queues/--depth/--id/--foreground create devices; they do not apply to `{cmd}`"
+        ))
+    };
+    match cli.cmd {
+        Command::Target(t) => add(cli.add, t),
+        Command::Add { opts, target } => add(cli.add.merged(opts), target),
+        Command::List { id, json } => {
+            if !cli.add.is_empty() {
+                return Err(only_for_add("list"));
+            }
+            preflight()?;
+            admin::list(id, json)
+        }
+        Command::Del { id, all } => {
+            if !cli.add.is_empty() {
+                return Err(only_for_add("del"));
+            }
+            preflight()?;
+            admin::del(id, all)
+        }
+        Command::Features { json } => {
+            if !cli.add.is_empty() {
+                return Err(only_for_add("features"));
+            }
+            preflight()?;
+            admin::features(json)
+        }
+    }
+}
+
+/// clap's errors span several lines; users get one, with where to look next.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.trim_start_matches("error: ");
+    match e.kind() {
+        ErrorKind::InvalidSubcommand => {
+            format!(
+                "{first}: targets are `null` and `loop`, commands `add`, `list`, `del`, `features`"
+            )
+        }
+        _ => format!("{first} (see `ublk-fast --help`)"),
+    }
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            std::process::exit(2);
+        }
+        Err(e) => {
+            eprintln!("ublk-fast: error: {}", one_line(&e));
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("ublk-fast: error: {}", e.msg);
+        std::process::exit(e.code);
+    }
+}

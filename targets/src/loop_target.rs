@@ -1,0 +1,519 @@
+//! `loop`: serves a regular file or a block device, O_DIRECT by default, on the queue's own ring.
+//!
+//! READ/WRITE go to the backing fd through io_uring; a short transfer is resumed for the rest,
+//! never reported as done. FLUSH is an fdatasync; a FUA write is written with RWF_DSYNC.
+//! DISCARD punches a hole (files) or is a BLKDISCARD (block devices); WRITE_ZEROES is a
+//! fallocate ZERO_RANGE, or a hole when the request allows unmapping.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use io_uring::{opcode, types};
+use ublk_fast_engine::target::{
+    DiscardLimits, Flow, QueueHandler, Request, Submit, Target, TargetParams,
+};
+use ublk_fast_engine::uapi::*;
+use ublk_fast_engine::{Error, Result};
+
+// linux/fs.h block ioctls (x86_64, arm64 and the other "generic" ioctl layouts).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// Fixed-file index of the backing file on the queue ring (0 is `/dev/ublkcN`).
+const BACKING: types::Fixed = types::Fixed(1);
+
+#[derive(Clone, Debug, Default)]
+pub struct LoopOptions {
+    pub buffered: bool,
+    pub read_only: bool,
+    /// Logical block size override.
+    pub block_size: Option<u32>,
+    pub discard: bool,
+}
+
+pub struct LoopTarget {
+    file: File,
+    path: PathBuf,
+    is_blkdev: bool,
+    size: u64,
+    logical_block: u32,
+    physical_block: u32,
+    opts: LoopOptions,
+}
+
+fn invalid(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("loop {}: {what}", path.display()))
+}
+
+fn ioctl_u64(f: &File, req: libc::c_ulong) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: the request writes one u64 into `v`, which lives across the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, &mut v as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+fn ioctl_u32(f: &File, req: libc::c_ulong) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the request writes one int into `v`, which lives across the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, &mut v as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v as u32)
+}
+
+/// Reads one block at offset 0 the way the queues will (O_DIRECT, aligned buffer), so a
+/// backing store that accepts O_DIRECT at open but not in practice is caught now.
+fn probe_direct_read(f: &File, len: usize) -> io::Result<()> {
+    let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+    // SAFETY: layout has a non-zero size.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    if buf.is_null() {
+        return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+    }
+    // SAFETY: buf is `len` bytes we own until the dealloc below.
+    let r = unsafe { libc::pread(f.as_raw_fd(), buf as *mut libc::c_void, len, 0) };
+    let err = io::Error::last_os_error();
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    if r < 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
+impl LoopTarget {
+    /// Opens and checks the backing store; every refusal is one line naming the fix.
+    pub fn open(path: &Path, opts: &LoopOptions) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => invalid(path, "no such file or block device"),
+            io::ErrorKind::PermissionDenied => invalid(path, "permission denied"),
+            _ => invalid(path, e),
+        })?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return Err(invalid(
+                path,
+                "is a directory: give a regular file or a block device",
+            ));
+        }
+        let is_blkdev = ft.is_block_device();
+        if !ft.is_file() && !is_blkdev {
+            return Err(invalid(
+                path,
+                "is neither a regular file nor a block device",
+            ));
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if !opts.buffered {
+            flags |= libc::O_DIRECT;
+        }
+        if is_blkdev && !opts.read_only {
+            // Refuse a block device that is mounted or held exclusively by someone else.
+            flags |= libc::O_EXCL;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EACCES) | Some(libc::EPERM) => invalid(path, "permission denied"),
+                Some(libc::EROFS) => invalid(path, "is on a read-only filesystem: add --read-only"),
+                Some(libc::EBUSY) => {
+                    invalid(path, "is busy (mounted or held by another user of the device)")
+                }
+                Some(libc::EINVAL) if !opts.buffered => invalid(
+                    path,
+                    "the filesystem refuses O_DIRECT: add --buffered to serve it through the page cache",
+                ),
+                _ => invalid(path, e),
+            })?;
+        // One read-write server per backing store: two would corrupt each other's data.
+        let lock = if opts.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            return Err(invalid(
+                path,
+                "is already in use by another ublk-fast device (`ublk-fast list` shows it)",
+            ));
+        }
+        let (size, mut logical, physical) = if is_blkdev {
+            let size = ioctl_u64(&file, BLKGETSIZE64)
+                .map_err(|e| invalid(path, format!("BLKGETSIZE64: {e}")))?;
+            let l = ioctl_u32(&file, BLKSSZGET)
+                .map_err(|e| invalid(path, format!("BLKSSZGET: {e}")))?;
+            let p = ioctl_u32(&file, BLKPBSZGET)
+                .map_err(|e| invalid(path, format!("BLKPBSZGET: {e}")))?;
+            (size, l, p.max(l))
+        } else {
+            (meta.len(), 512, 4096)
+        };
+        if let Some(bs) = opts.block_size {
+            if !bs.is_power_of_two() || !(512..=4096).contains(&bs) {
+                return Err(invalid(
+                    path,
+                    format!("--block-size {bs}: must be 512, 1024, 2048 or 4096"),
+                ));
+            }
+            if bs < logical {
+                return Err(invalid(
+                    path,
+                    format!("--block-size {bs} is below the device's {logical}"),
+                ));
+            }
+            logical = bs;
+        }
+        let physical = physical.max(logical);
+        if size == 0 {
+            return Err(invalid(
+                path,
+                "is empty: give it a size first (e.g. `truncate -s 1G FILE`)",
+            ));
+        }
+        if size % u64::from(logical) != 0 {
+            return Err(invalid(
+                path,
+                format!("size {size} is not a multiple of the {logical}-byte block size: resize it or pick --block-size"),
+            ));
+        }
+        if !opts.buffered {
+            probe_direct_read(&file, logical as usize).map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => invalid(
+                    path,
+                    format!("{logical}-byte O_DIRECT reads fail (EINVAL): try --block-size 4096, or --buffered"),
+                ),
+                _ => invalid(path, format!("test read failed: {e}")),
+            })?;
+        }
+        Ok(LoopTarget {
+            file,
+            path: path.to_path_buf(),
+            is_blkdev,
+            size,
+            logical_block: logical,
+            physical_block: physical,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Discard limits: a block device's own, a file's from its filesystem block.
+    fn discard_limits(&self) -> Option<DiscardLimits> {
+        if !self.opts.discard || self.opts.read_only {
+            return None;
+        }
+        let all = u32::MAX >> 9;
+        if self.is_blkdev {
+            // SAFETY: fstat into a local struct.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: valid fd and out-pointer.
+            unsafe { libc::fstat(self.file.as_raw_fd(), &mut st) };
+            let q = format!(
+                "/sys/dev/block/{}:{}/queue",
+                libc::major(st.st_rdev),
+                libc::minor(st.st_rdev)
+            );
+            let read = |n: &str| -> u64 {
+                std::fs::read_to_string(format!("{q}/{n}"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let max_discard = (read("discard_max_bytes") >> 9).min(u64::from(all)) as u32;
+            let max_wz = (read("write_zeroes_max_bytes") >> 9).min(u64::from(all)) as u32;
+            let gran = (read("discard_granularity") as u32).max(self.logical_block);
+            Some(DiscardLimits {
+                granularity: gran,
+                max_discard_sectors: max_discard,
+                // Without hardware write-zeroes the kernel's zeroout writes zeros itself.
+                max_write_zeroes_sectors: if max_wz > 0 { max_wz } else { all },
+            })
+        } else {
+            Some(DiscardLimits {
+                granularity: self.physical_block,
+                max_discard_sectors: all,
+                max_write_zeroes_sectors: all,
+            })
+        }
+    }
+}
+
+impl Target for LoopTarget {
+    fn name(&self) -> &'static str {
+        "loop"
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![self.path.display().to_string()];
+        if self.opts.buffered {
+            a.push("--buffered".into());
+        }
+        if self.opts.read_only {
+            a.push("--read-only".into());
+        }
+        if let Some(bs) = self.opts.block_size {
+            a.push(format!("--block-size={bs}"));
+        }
+        if !self.opts.discard {
+            a.push("--no-discard".into());
+        }
+        a
+    }
+
+    fn params(&self) -> TargetParams {
+        let mut attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA;
+        if self.opts.read_only {
+            attrs |= UBLK_ATTR_READ_ONLY;
+        }
+        TargetParams {
+            size_bytes: self.size,
+            logical_block: self.logical_block,
+            physical_block: self.physical_block,
+            attrs,
+            discard: self.discard_limits(),
+        }
+    }
+
+    fn files(&self) -> Vec<RawFd> {
+        vec![self.file.as_raw_fd()]
+    }
+
+    fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
+        Ok(Box::new(LoopQueue {
+            done: vec![0; usize::from(depth)],
+            fd: self.file.as_raw_fd(),
+            is_blkdev: self.is_blkdev,
+            read_only: self.opts.read_only,
+        }))
+    }
+}
+
+/// Sub-op bytes carried in `user_data`, so a completion knows what it completes.
+mod sub {
+    pub const RW: u8 = 0;
+    pub const FLUSH: u8 = 1;
+    pub const PUNCH: u8 = 2;
+    pub const ZERO_RANGE: u8 = 3;
+}
+
+struct LoopQueue {
+    /// Bytes already transferred for each tag's current READ/WRITE.
+    done: Vec<u32>,
+    /// The backing fd, for the one synchronous op (BLKDISCARD); the ring uses the fixed file.
+    fd: RawFd,
+    is_blkdev: bool,
+    read_only: bool,
+}
+
+impl LoopQueue {
+    /// Queues the rest of a READ/WRITE: from `done[tag]` to the end of the request.
+    fn push_rw(&mut self, req: &Request, io: &mut dyn Submit) {
+        let done = self.done[usize::from(req.tag)];
+        let len = req.bytes() as u32 - done;
+        let off = req.offset() + u64::from(done);
+        let buf = req.buf.wrapping_add(done as usize);
+        let sqe = if req.desc.op() == UBLK_IO_OP_READ {
+            opcode::Read::new(BACKING, buf, len).offset(off).build()
+        } else {
+            let mut w = opcode::Write::new(BACKING, buf, len).offset(off);
+            if req.desc.flags() & UBLK_IO_F_FUA != 0 {
+                w = w.rw_flags(libc::RWF_DSYNC);
+            }
+            w.build()
+        };
+        // SAFETY: `buf..buf+len` lies inside the tag's buffer (bytes() <= buf_len was checked
+        // when the request started), which the engine keeps alive and unused until we commit.
+        unsafe { io.push(req, sub::RW, sqe) };
+    }
+
+    fn push_fallocate(&mut self, req: &Request, which: u8, io: &mut dyn Submit) {
+        let mode = match which {
+            sub::ZERO_RANGE => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        let sqe = opcode::Fallocate::new(BACKING, req.bytes() as u64)
+            .offset(req.offset())
+            .mode(mode)
+            .build();
+        // SAFETY: fallocate references no memory.
+        unsafe { io.push(req, which, sqe) };
+    }
+
+    fn blk_discard(&self, req: &Request) -> i32 {
+        let range = [req.offset(), req.bytes() as u64];
+        // SAFETY: BLKDISCARD reads two u64s from `range`, which lives across the call.
+        let r = unsafe { libc::ioctl(self.fd, BLKDISCARD, range.as_ptr()) };
+        if r < 0 {
+            -io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        } else {
+            0
+        }
+    }
+}
+
+impl QueueHandler for LoopQueue {
+    fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow {
+        let op = req.desc.op();
+        let writes = matches!(
+            op,
+            UBLK_IO_OP_WRITE | UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES
+        );
+        if writes && self.read_only {
+            return Flow::Done(-libc::EROFS);
+        }
+        match op {
+            UBLK_IO_OP_READ | UBLK_IO_OP_WRITE => {
+                if req.bytes() > req.buf_len || req.bytes() == 0 {
+                    return Flow::Done(-libc::EINVAL);
+                }
+                self.done[usize::from(req.tag)] = 0;
+                self.push_rw(req, io);
+                Flow::Pending
+            }
+            UBLK_IO_OP_FLUSH => {
+                let sqe = opcode::Fsync::new(BACKING)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                // SAFETY: fsync references no memory.
+                unsafe { io.push(req, sub::FLUSH, sqe) };
+                Flow::Pending
+            }
+            UBLK_IO_OP_DISCARD if self.is_blkdev => Flow::Done(self.blk_discard(req)),
+            UBLK_IO_OP_DISCARD => {
+                self.push_fallocate(req, sub::PUNCH, io);
+                Flow::Pending
+            }
+            UBLK_IO_OP_WRITE_ZEROES => {
+                // NOUNMAP: the range must stay allocated; otherwise a hole reads back zeros too.
+                let which = if req.desc.flags() & UBLK_IO_F_NOUNMAP != 0 || self.is_blkdev {
+                    sub::ZERO_RANGE
+                } else {
+                    sub::PUNCH
+                };
+                self.push_fallocate(req, which, io);
+                Flow::Pending
+            }
+            _ => Flow::Done(-libc::EOPNOTSUPP),
+        }
+    }
+
+    fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
+        match sub {
+            sub::RW => {
+                if res < 0 {
+                    return Flow::Done(res);
+                }
+                if res == 0 {
+                    // End of file inside the device: the backing store shrank under us.
+                    return Flow::Done(-libc::EIO);
+                }
+                let tag = usize::from(req.tag);
+                self.done[tag] += res as u32;
+                if (self.done[tag] as usize) < req.bytes() {
+                    self.push_rw(req, io);
+                    return Flow::Pending;
+                }
+                Flow::Done(req.bytes() as i32)
+            }
+            // Filesystems without ZERO_RANGE (tmpfs): a hole reads back as zeros as well.
+            sub::ZERO_RANGE if res == -libc::EOPNOTSUPP && !self.is_blkdev => {
+                self.push_fallocate(req, sub::PUNCH, io);
+                Flow::Pending
+            }
+            _ => Flow::Done(res.min(0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpfile(len: u64) -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "ublk-fast-loop-{}-{len}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = File::create(&p).unwrap();
+        f.set_len(len).unwrap();
+        p
+    }
+
+    fn buffered() -> LoopOptions {
+        LoopOptions {
+            buffered: true,
+            discard: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers() {
+        // _IOR(0x12, 114, size_t), _IO(0x12, 104), _IO(0x12, 123), _IO(0x12, 119)
+        assert_eq!(BLKGETSIZE64, (2 << 30) | (8 << 16) | (0x12 << 8) | 114);
+        assert_eq!(BLKSSZGET, (0x12 << 8) | 104);
+        assert_eq!(BLKPBSZGET, (0x12 << 8) | 123);
+        assert_eq!(BLKDISCARD, (0x12 << 8) | 119);
+    }
+
+    #[test]
+    fn rejects_bad_backing_stores() {
+        let msg = |p: &Path, o: &LoopOptions| LoopTarget::open(p, o).err().unwrap().to_string();
+        assert!(msg(Path::new("/nonexistent/x"), &buffered()).contains("no such file"));
+        assert!(msg(&std::env::temp_dir(), &buffered()).contains("is a directory"));
+        let empty = tmpfile(0);
+        assert!(msg(&empty, &buffered()).contains("is empty"));
+        let odd = tmpfile(4096 + 100);
+        assert!(msg(&odd, &buffered()).contains("not a multiple"));
+        let ok = tmpfile(1 << 20);
+        let bad_bs = LoopOptions {
+            block_size: Some(1000),
+            ..buffered()
+        };
+        assert!(msg(&ok, &bad_bs).contains("--block-size 1000"));
+        for p in [empty, odd, ok] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn second_writer_is_refused_and_params_are_right() {
+        let p = tmpfile(8 << 20);
+        let t = LoopTarget::open(&p, &buffered()).unwrap();
+        let e = LoopTarget::open(&p, &buffered()).err().unwrap().to_string();
+        assert!(e.contains("already in use"), "{e}");
+        let params = t.params();
+        assert_eq!(params.size_bytes, 8 << 20);
+        assert_eq!((params.logical_block, params.physical_block), (512, 4096));
+        assert_ne!(params.attrs & UBLK_ATTR_VOLATILE_CACHE, 0);
+        assert_ne!(params.attrs & UBLK_ATTR_FUA, 0);
+        assert!(params.discard.is_some());
+        drop(t);
+        let ro = LoopTarget::open(
+            &p,
+            &LoopOptions {
+                read_only: true,
+                ..buffered()
+            },
+        )
+        .unwrap();
+        assert_ne!(ro.params().attrs & UBLK_ATTR_READ_ONLY, 0);
+        assert!(ro.params().discard.is_none());
+        let _ = std::fs::remove_file(p);
+    }
+}

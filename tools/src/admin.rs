@@ -1,0 +1,161 @@
+//! `list`, `del`, `features`: the commands that look at or remove existing devices.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use ublk_fast_engine::ctrl::{list_dev_ids, Control};
+use ublk_fast_engine::uapi::{feature_names, state_name};
+
+use crate::record::Record;
+use crate::CliError;
+
+#[derive(Serialize, Debug)]
+pub struct DevRow {
+    pub id: u32,
+    pub block_device: String,
+    pub char_device: String,
+    pub state: String,
+    pub pid: i32,
+    pub queues: u16,
+    pub depth: u16,
+    pub block_size: u32,
+    pub physical_block_size: u32,
+    pub size_bytes: u64,
+    pub max_io_bytes: u32,
+    pub target: Option<String>,
+    pub args: Vec<String>,
+    pub flags: Vec<String>,
+}
+
+fn no_such_device(id: u32) -> CliError {
+    CliError::runtime(format!(
+        "no ublk device with id {id} (see `ublk-fast list`)"
+    ))
+}
+
+fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
+    let info = c.dev_info(id).map_err(|e| match e.raw_errno() {
+        libc::ENODEV | libc::ENOENT => no_such_device(id),
+        _ => CliError::runtime(e.to_string()),
+    })?;
+    let params = c
+        .get_params(id)
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    let rec = Record::load(id);
+    Ok(DevRow {
+        id,
+        block_device: format!("/dev/ublkb{id}"),
+        char_device: format!("/dev/ublkc{id}"),
+        state: state_name(info.state).to_string(),
+        pid: info.ublksrv_pid,
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+        block_size: 1 << params.basic.logical_bs_shift,
+        physical_block_size: 1 << params.basic.physical_bs_shift,
+        size_bytes: params.basic.dev_sectors << 9,
+        max_io_bytes: info.max_io_buf_bytes,
+        target: rec.as_ref().map(|r| r.target.clone()),
+        args: rec.map(|r| r.args).unwrap_or_default(),
+        flags: feature_names(info.flags),
+    })
+}
+
+pub fn list(id: Option<u32>, json: bool) -> Result<(), CliError> {
+    let mut c = Control::open().map_err(CliError::from)?;
+    let ids = match id {
+        Some(i) => vec![i],
+        None => list_dev_ids(),
+    };
+    let mut rows = Vec::with_capacity(ids.len());
+    for i in ids {
+        match row(&mut c, i) {
+            Ok(r) => rows.push(r),
+            // A device deleted between the directory scan and the query is simply gone.
+            Err(e) if id.is_none() => eprintln!("ublk-fast: {}", e.msg),
+            Err(e) => return Err(e),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<13} {:<13} {:<9} {:>7} {:>6} {:>5} {:>5} {:>15} {:<6} {:<20} FLAGS",
+        "ID", "BLOCK", "CHAR", "STATE", "PID", "QUEUES", "DEPTH", "BS", "SIZE", "TARGET", "ARGS"
+    );
+    for r in rows {
+        println!(
+            "{:<4} {:<13} {:<13} {:<9} {:>7} {:>6} {:>5} {:>5} {:>15} {:<6} {:<20} {}",
+            r.id,
+            r.block_device,
+            r.char_device,
+            r.state,
+            r.pid,
+            r.queues,
+            r.depth,
+            r.block_size,
+            r.size_bytes,
+            r.target.as_deref().unwrap_or("?"),
+            r.args.join(" "),
+            r.flags.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn del_one(c: &mut Control, id: u32) -> Result<(), CliError> {
+    let info = c.dev_info(id).map_err(|e| match e.raw_errno() {
+        libc::ENODEV | libc::ENOENT => no_such_device(id),
+        _ => CliError::runtime(e.to_string()),
+    })?;
+    // STOP_DEV fails harmlessly on a device that is already stopped or dead.
+    let _ = c.stop_dev(id);
+    c.del_dev(id)
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    Record::remove(id);
+    // DEL_DEV returned once the daemon closed /dev/ublkcN; give it a moment to exit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(info.ublksrv_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+pub fn del(id: Option<u32>, all: bool) -> Result<(), CliError> {
+    let mut c = Control::open().map_err(CliError::from)?;
+    if all {
+        let mut first_err = None;
+        for i in list_dev_ids() {
+            if let Err(e) = del_one(&mut c, i) {
+                eprintln!("ublk-fast: error: {}", e.msg);
+                first_err.get_or_insert(e);
+            }
+        }
+        return first_err.map_or(Ok(()), Err);
+    }
+    del_one(&mut c, id.expect("clap requires --id or --all"))
+}
+
+pub fn features(json: bool) -> Result<(), CliError> {
+    let mut c = Control::open().map_err(CliError::from)?;
+    let f = c.features().map_err(CliError::from)?;
+    let names = feature_names(f);
+    if json {
+        let v = serde_json::json!({ "flags": f, "names": names });
+        println!("{v}");
+    } else {
+        println!("ublk driver features {f:#x}:");
+        for n in names {
+            println!("  {n}");
+        }
+    }
+    Ok(())
+}

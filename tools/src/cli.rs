@@ -1,0 +1,130 @@
+//! Command-line shape, in the style of ublksrv's `ublk`, rublk and kublk:
+//! `ublk-fast [OPTIONS] <TARGET> [ARGS]` (or `ublk-fast add ...`), `list`, `del`, `features`.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "ublk-fast", version, about = "A fast Linux ublk server", long_about = None)]
+#[command(
+    subcommand_value_name = "COMMAND|TARGET",
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub add: AddOpts,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a device (the same as naming the target directly)
+    Add {
+        #[command(flatten)]
+        opts: AddOpts,
+        #[command(subcommand)]
+        target: TargetCmd,
+    },
+    /// List ublk devices
+    List {
+        /// Only this device
+        #[arg(short = 'n', long = "id")]
+        id: Option<u32>,
+        /// JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete devices
+    Del {
+        /// The device to delete
+        #[arg(
+            short = 'n',
+            long = "id",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        id: Option<u32>,
+        /// Every ublk device
+        #[arg(short = 'a', long)]
+        all: bool,
+    },
+    /// Print the ublk driver's features
+    Features {
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(flatten)]
+    Target(TargetCmd),
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct AddOpts {
+    /// CPUs for the queue threads, e.g. 0-7 or 0,2,4-5 (default: all online)
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+    /// Hardware queues (default: the number of CPUs in --cpus)
+    #[arg(short = 'q', long, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub queues: Option<u16>,
+    /// Queue depth [default: 128]
+    #[arg(short = 'd', long, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub depth: Option<u16>,
+    /// Device id (default: the kernel picks)
+    #[arg(short = 'n', long = "id", value_parser = clap::value_parser!(u32).range(0..=1_048_575))]
+    pub id: Option<u32>,
+    /// Serve in the foreground until SIGINT/SIGTERM, then delete the device
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+impl AddOpts {
+    pub fn is_empty(&self) -> bool {
+        self.cpus.is_none()
+            && self.queues.is_none()
+            && self.depth.is_none()
+            && self.id.is_none()
+            && !self.foreground
+    }
+
+    /// `self` with any option `other` sets laid over it.
+    pub fn merged(mut self, other: AddOpts) -> AddOpts {
+        self.cpus = other.cpus.or(self.cpus);
+        self.queues = other.queues.or(self.queues);
+        self.depth = other.depth.or(self.depth);
+        self.id = other.id.or(self.id);
+        self.foreground |= other.foreground;
+        self
+    }
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum TargetCmd {
+    /// Complete every I/O at once; reads return zeros
+    Null(NullArgs),
+    /// Serve a file or block device
+    Loop(LoopArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NullArgs {
+    /// Device size, e.g. 1G, 512M
+    #[arg(long, default_value = "256G")]
+    pub size: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoopArgs {
+    /// Backing file or block device
+    pub path: std::path::PathBuf,
+    /// Use the page cache instead of O_DIRECT
+    #[arg(long)]
+    pub buffered: bool,
+    /// Export the device read-only
+    #[arg(long)]
+    pub read_only: bool,
+    /// Logical block size in bytes (default: the device's, or 512 for files)
+    #[arg(long, value_name = "BYTES")]
+    pub block_size: Option<u32>,
+    /// Do not advertise discard / write-zeroes
+    #[arg(long)]
+    pub no_discard: bool,
+}

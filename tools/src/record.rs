@@ -1,0 +1,74 @@
+//! `/run/ublk-fast/<id>.json`: what the daemon serving a device was started with. `list` reads
+//! it for the target and its arguments; it is written atomically and removed with the device.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Record {
+    pub id: u32,
+    pub pid: i32,
+    pub target: String,
+    pub args: Vec<String>,
+    pub queues: u16,
+    pub depth: u16,
+    pub queue_cpus: Vec<usize>,
+}
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("UBLK_FAST_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/run/ublk-fast".into())
+}
+
+pub fn path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.json"))
+}
+
+impl Record {
+    /// Write to a temporary name, fsync, rename: readers see the old file or the new, never half.
+    pub fn save(&self) -> std::io::Result<()> {
+        let dir = run_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{}.json.tmp", self.id));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path(self.id))
+    }
+
+    pub fn load(id: u32) -> Option<Record> {
+        serde_json::from_str(&std::fs::read_to_string(path(id)).ok()?).ok()
+    }
+
+    pub fn remove(id: u32) {
+        let _ = std::fs::remove_file(path(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_remove() {
+        let dir = std::env::temp_dir().join(format!("ublk-fast-rec-{}", std::process::id()));
+        std::env::set_var("UBLK_FAST_RUN_DIR", &dir);
+        let r = Record {
+            id: 7,
+            pid: 42,
+            target: "null".into(),
+            args: vec!["--size=1024".into()],
+            queues: 2,
+            depth: 64,
+            queue_cpus: vec![0, 1],
+        };
+        r.save().unwrap();
+        assert_eq!(Record::load(7), Some(r));
+        Record::remove(7);
+        assert_eq!(Record::load(7), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
