@@ -208,9 +208,9 @@ impl Control {
     }
 }
 
-/// Ids of the ublk devices that exist now, from `/sys/class/ublk-char-device`.
+/// Ids of the ublk devices that exist now, from `/sys/class/ublk-char`.
 pub fn list_dev_ids() -> Vec<u32> {
-    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char-device")
+    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())

@@ -96,6 +96,8 @@ impl AddOpts {
     }
 }
 
+/// Device options may come before or after the target name: `ublk-fast -q 2 null` and
+/// `ublk-fast null -q 2` mean the same.
 #[derive(Subcommand, Debug, Clone)]
 pub enum TargetCmd {
     /// Complete every I/O at once; reads return zeros
@@ -106,6 +108,8 @@ pub enum TargetCmd {
 
 #[derive(Args, Debug, Clone)]
 pub struct NullArgs {
+    #[command(flatten)]
+    pub opts: AddOpts,
     /// Device size, e.g. 1G, 512M
     #[arg(long, default_value = "256G")]
     pub size: String,
@@ -113,6 +117,8 @@ pub struct NullArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct LoopArgs {
+    #[command(flatten)]
+    pub opts: AddOpts,
     /// Backing file or block device
     pub path: std::path::PathBuf,
     /// Use the page cache instead of O_DIRECT
@@ -127,4 +133,13 @@ pub struct LoopArgs {
     /// Do not advertise discard / write-zeroes
     #[arg(long)]
     pub no_discard: bool,
+}
+
+impl TargetCmd {
+    pub fn opts(&self) -> &AddOpts {
+        match self {
+            TargetCmd::Null(a) => &a.opts,
+            TargetCmd::Loop(a) => &a.opts,
+        }
+    }
 }

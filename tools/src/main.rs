@@ -146,8 +146,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         ))
     };
     match cli.cmd {
-        Command::Target(t) => add(cli.add, t),
-        Command::Add { opts, target } => add(cli.add.merged(opts), target),
+        Command::Target(t) => add(cli.add.merged(t.opts().clone()), t),
+        Command::Add { opts, target } => {
+            add(cli.add.merged(opts).merged(target.opts().clone()), target)
+        }
         Command::List { id, json } => {
             if !cli.add.is_empty() {
                 return Err(only_for_add("list"));
