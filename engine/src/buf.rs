@@ -20,18 +20,12 @@ impl IoBufs {
     pub fn new(depth: u16, max_io_bytes: u32) -> Result<Self> {
         let per_tag = per_tag_len(max_io_bytes);
         let len = per_tag * usize::from(depth);
-        let map = MmapOptions::new()
-            .len(len)
-            .map_anon()
-            .map_err(|e| Error::os("mmap I/O buffers", e))?;
+        let map =
+            MmapOptions::new().len(len).map_anon().map_err(|e| Error::os("mmap I/O buffers", e))?;
         // Transparent huge pages where the kernel allows: fewer TLB misses on big I/O.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
-        Ok(IoBufs {
-            map,
-            per_tag,
-            depth,
-        })
+        Ok(IoBufs { map, per_tag, depth })
     }
 
     pub fn per_tag(&self) -> usize {
@@ -42,9 +36,7 @@ impl IoBufs {
     pub fn ptr(&self, tag: u16) -> *mut u8 {
         assert!(tag < self.depth, "tag {tag} out of range");
         // The mapping is `per_tag * depth` long and tag < depth, so this stays inside it.
-        self.map
-            .as_ptr()
-            .wrapping_add(self.per_tag * usize::from(tag)) as *mut u8
+        self.map.as_ptr().wrapping_add(self.per_tag * usize::from(tag)) as *mut u8
     }
 }
 

@@ -15,9 +15,7 @@ pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
     for part in s.split(',') {
         let part = part.trim();
         let num = |t: &str| -> std::result::Result<usize, String> {
-            t.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("`{t}` is not a CPU number"))
+            t.trim().parse::<usize>().map_err(|_| format!("`{t}` is not a CPU number"))
         };
         match part.split_once('-') {
             Some((a, b)) => {
@@ -57,11 +55,7 @@ pub fn place_queues(allowed: &[usize], affinity: &[Vec<usize>]) -> Vec<usize> {
     assert!(!allowed.is_empty());
     let mut taken: Vec<usize> = Vec::with_capacity(affinity.len());
     for (q, aff) in affinity.iter().enumerate() {
-        let both: Vec<usize> = allowed
-            .iter()
-            .copied()
-            .filter(|c| aff.contains(c))
-            .collect();
+        let both: Vec<usize> = allowed.iter().copied().filter(|c| aff.contains(c)).collect();
         let pick = both
             .iter()
             .copied()
@@ -97,10 +91,7 @@ mod tests {
 
     #[test]
     fn parses_lists_ranges_and_singles() {
-        assert_eq!(
-            parse_cpu_list("0-3,8,10-11").unwrap(),
-            vec![0, 1, 2, 3, 8, 10, 11]
-        );
+        assert_eq!(parse_cpu_list("0-3,8,10-11").unwrap(), vec![0, 1, 2, 3, 8, 10, 11]);
         assert_eq!(parse_cpu_list("0,2,4-5").unwrap(), vec![0, 2, 4, 5]);
         assert_eq!(parse_cpu_list("7").unwrap(), vec![7]);
         assert_eq!(parse_cpu_list("3,1,1-2\n").unwrap(), vec![1, 2, 3]);

@@ -42,31 +42,23 @@ pub fn ring_setup_error(e: io::Error) -> Error {
 }
 
 fn ctrl_cmd(dev_id: u32) -> ublksrv_ctrl_cmd {
-    ublksrv_ctrl_cmd {
-        dev_id,
-        queue_id: u16::MAX,
-        ..Default::default()
-    }
+    ublksrv_ctrl_cmd { dev_id, queue_id: u16::MAX, ..Default::default() }
 }
 
 impl Control {
     pub fn open() -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(CONTROL_PATH)
-            .map_err(|e| {
-                let hint = match e.raw_os_error() {
-                    Some(libc::ENOENT) => {
-                        "the ublk driver is not loaded: run `modprobe ublk_drv` as root"
-                    }
-                    Some(libc::EACCES) | Some(libc::EPERM) => {
-                        "ublk devices need root: run ublk-fast as root"
-                    }
-                    _ => "is the ublk driver (ublk_drv) loaded?",
-                };
-                Error::os("open /dev/ublk-control", e).hint(hint)
-            })?;
+        let file = OpenOptions::new().read(true).write(true).open(CONTROL_PATH).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::ENOENT) => {
+                    "the ublk driver is not loaded: run `modprobe ublk_drv` as root"
+                }
+                Some(libc::EACCES) | Some(libc::EPERM) => {
+                    "ublk devices need root: run ublk-fast as root"
+                }
+                _ => "is the ublk driver (ublk_drv) loaded?",
+            };
+            Error::os("open /dev/ublk-control", e).hint(hint)
+        })?;
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(4)
             .map_err(ring_setup_error)?;
@@ -81,9 +73,7 @@ impl Control {
         // the 80-byte command area is a plain byte copy.
         let bytes: [u8; 32] = unsafe { std::mem::transmute(cmd) };
         raw[..32].copy_from_slice(&bytes);
-        let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
-            .cmd(raw)
-            .build();
+        let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op).cmd(raw).build();
         // SAFETY: the buffer `cmd.addr` points at (if any) belongs to our caller's frame, which
         // outlives this call; we wait for the command's CQE before returning, so the kernel is
         // done with it by then.
@@ -129,11 +119,10 @@ impl Control {
         let mut c = ctrl_cmd(info.dev_id);
         c.addr = info as *mut ublksrv_ctrl_dev_info as u64;
         c.len = std::mem::size_of::<ublksrv_ctrl_dev_info>() as u16;
-        self.run("ADD_DEV", UBLK_U_CMD_ADD_DEV, c)
-            .map_err(|e| match e.raw_errno() {
-                libc::EEXIST => e.hint("that device id is taken: pick another -n or leave it out"),
-                _ => e,
-            })?;
+        self.run("ADD_DEV", UBLK_U_CMD_ADD_DEV, c).map_err(|e| match e.raw_errno() {
+            libc::EEXIST => e.hint("that device id is taken: pick another -n or leave it out"),
+            _ => e,
+        })?;
         Ok(())
     }
 
@@ -167,14 +156,24 @@ impl Control {
     }
 
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id))
-            .map(|_| ())
+        self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
     }
 
     /// DEL_DEV: returns once the device is gone, i.e. after its daemon closed `/dev/ublkcN`.
     pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.run("DEL_DEV", UBLK_U_CMD_DEL_DEV, ctrl_cmd(dev_id))
-            .map(|_| ())
+        self.run("DEL_DEV", UBLK_U_CMD_DEL_DEV, ctrl_cmd(dev_id)).map(|_| ())
+    }
+
+    /// DEL_DEV_ASYNC (6.9+): removes the device without waiting for its last opener to close
+    /// `/dev/ublkbN`; the kernel frees it then. Falls back to DEL_DEV on older drivers.
+    pub fn del_dev_nowait(&mut self, dev_id: u32) -> Result<()> {
+        match self.run("DEL_DEV_ASYNC", UBLK_U_CMD_DEL_DEV_ASYNC, ctrl_cmd(dev_id)) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_errno(), libc::EINVAL | libc::EOPNOTSUPP | libc::ENOTTY) => {
+                self.del_dev(dev_id)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn dev_info(&mut self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
@@ -194,8 +193,7 @@ impl Control {
         c.queue_id = q;
         c.addr = mask.as_mut_ptr() as u64;
         c.len = std::mem::size_of_val(&mask) as u16;
-        self.run("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, c)
-            .map_err(|e| e.queue(q))?;
+        self.run("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, c).map_err(|e| e.queue(q))?;
         let mut cpus = Vec::new();
         for (w, word) in mask.iter().enumerate() {
             for b in 0..64 {

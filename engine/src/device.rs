@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,6 +16,7 @@ use crate::cpus::{pin_current_thread, place_queues};
 use crate::ctrl::Control;
 use crate::error::{Error, Result};
 use crate::queue::{Queue, QueueConfig, QueueExit};
+use crate::stats::StatsRegion;
 use crate::target::{Target, TargetParams};
 use crate::uapi::*;
 
@@ -28,6 +30,8 @@ pub struct DeviceConfig {
     /// CPUs the queue threads may run on.
     pub cpus: Vec<usize>,
     pub max_io_bytes: u32,
+    /// Where to publish the counters (`<dir>/<id>.stats`); `None` keeps them private.
+    pub stats_dir: Option<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -77,6 +81,7 @@ pub struct Device {
     pub features: u64,
     pub queue_cpus: Vec<usize>,
     queues: Vec<QueueThread>,
+    pub stats: Option<Arc<StatsRegion>>,
     // Closed after the queue threads are joined (they use its fd).
     cdev: Option<File>,
 }
@@ -138,6 +143,7 @@ impl Device {
             features,
             queue_cpus: Vec::new(),
             queues: Vec::new(),
+            stats: None,
             cdev: None,
         };
         match dev.bring_up(cfg, target) {
@@ -166,6 +172,12 @@ impl Device {
             affinity.push(self.ctrl.queue_affinity(id, q)?);
         }
         self.queue_cpus = place_queues(&cfg.cpus, &affinity);
+        let stats_path = cfg.stats_dir.as_ref().map(|d| d.join(format!("{id}.stats")));
+        if let Some(d) = &cfg.stats_dir {
+            std::fs::create_dir_all(d).map_err(|e| Error::os("create stats dir", e))?;
+        }
+        let stats = Arc::new(StatsRegion::create(stats_path.as_deref(), cfg.queues)?);
+        self.stats = Some(Arc::clone(&stats));
 
         let (ready_tx, ready_rx) = mpsc::channel::<(u16, Result<()>)>();
         for q in 0..cfg.queues {
@@ -178,6 +190,7 @@ impl Device {
                 cdev_fd,
                 files: target.files(),
                 stop_fd: stop.as_raw_fd(),
+                stats: Arc::clone(&stats),
             };
             let cpu = self.queue_cpus[usize::from(q)];
             let target = Arc::clone(&target);
@@ -186,10 +199,7 @@ impl Device {
                 .name(format!("ublk{id}q{q}"))
                 .spawn(move || queue_main(qcfg, cpu, target, ready))
                 .map_err(|e| Error::os("spawn queue thread", e).queue(q))?;
-            self.queues.push(QueueThread {
-                stop,
-                handle: Some(handle),
-            });
+            self.queues.push(QueueThread { stop, handle: Some(handle) });
         }
         drop(ready_tx);
         for _ in 0..cfg.queues {
@@ -208,9 +218,7 @@ impl Device {
 
     /// True once any queue thread has ended (the device was stopped or deleted from outside).
     pub fn any_queue_ended(&self) -> bool {
-        self.queues
-            .iter()
-            .any(|q| q.handle.as_ref().is_none_or(|h| h.is_finished()))
+        self.queues.iter().any(|q| q.handle.as_ref().is_none_or(|h| h.is_finished()))
     }
 
     /// Tells every queue to stop and joins them. Returns the first queue error.
@@ -257,7 +265,9 @@ impl Device {
             err.get_or_insert(e);
         }
         self.cdev = None;
-        if let Err(e) = self.ctrl.del_dev(id) {
+        // Not the waiting DEL_DEV: an application holding /dev/ublkbN open must not be able to
+        // hang our exit.
+        if let Err(e) = self.ctrl.del_dev_nowait(id) {
             if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) {
                 err.get_or_insert(e);
             }

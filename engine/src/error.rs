@@ -14,12 +14,7 @@ pub struct Where {
 #[derive(Debug)]
 pub enum Error {
     /// A system call or ublk command failed: `op` names it, `source` carries the errno.
-    Os {
-        op: &'static str,
-        at: Where,
-        source: io::Error,
-        hint: Option<&'static str>,
-    },
+    Os { op: &'static str, at: Where, source: io::Error, hint: Option<&'static str> },
     /// The request or configuration cannot work; the message says what to change.
     Invalid(String),
 }
@@ -28,12 +23,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn os(op: &'static str, source: io::Error) -> Self {
-        Error::Os {
-            op,
-            at: Where::default(),
-            source,
-            hint: None,
-        }
+        Error::Os { op, at: Where::default(), source, hint: None }
     }
 
     /// From a negative errno as io_uring CQEs return it.
@@ -78,12 +68,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Os {
-                op,
-                at,
-                source,
-                hint,
-            } => {
+            Error::Os { op, at, source, hint } => {
                 write!(f, "{op}")?;
                 if let Some(d) = at.dev {
                     write!(f, " dev={d}")?;
@@ -120,10 +105,7 @@ mod tests {
 
     #[test]
     fn display_carries_context_and_hint() {
-        let e = Error::errno("ADD_DEV", -libc::EEXIST)
-            .dev(3)
-            .queue(1)
-            .hint("pick another -n");
+        let e = Error::errno("ADD_DEV", -libc::EEXIST).dev(3).queue(1).hint("pick another -n");
         let s = e.to_string();
         assert!(s.starts_with("ADD_DEV dev=3 queue=1: "), "{s}");
         assert!(s.ends_with("(pick another -n)"), "{s}");

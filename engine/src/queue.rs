@@ -7,12 +7,14 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::buf::IoBufs;
 use crate::ctrl::ring_setup_error;
 use crate::error::{Error, Result};
+use crate::stats::{QueueStats, StatsRegion};
 use crate::tag::{Kind, Tag, TagState, UserData};
 use crate::target::{Flow, QueueHandler, Request, Submit};
 use crate::uapi::*;
@@ -30,6 +32,7 @@ pub struct QueueConfig {
     pub files: Vec<RawFd>,
     /// An eventfd: readable means "stop once no backend I/O is in flight".
     pub stop_fd: RawFd,
+    pub stats: Arc<StatsRegion>,
 }
 
 /// The queue's read-only view of the driver's descriptor array for this queue.
@@ -60,11 +63,7 @@ impl DescMap {
         if ptr == libc::MAP_FAILED {
             return Err(Error::last_os("mmap descriptor array").queue(q));
         }
-        Ok(DescMap {
-            ptr: ptr as *const ublksrv_io_desc,
-            len,
-            depth,
-        })
+        Ok(DescMap { ptr: ptr as *const ublksrv_io_desc, len, depth })
     }
 
     fn read(&self, tag: u16) -> ublksrv_io_desc {
@@ -94,10 +93,9 @@ fn build_ring(sq: u32, cq: u32) -> Result<IoUring> {
     match fast {
         Ok(r) => Ok(r),
         // Older kernels (< 6.1) reject DEFER_TASKRUN / SINGLE_ISSUER: use a plain ring.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-            .setup_cqsize(cq)
-            .build(sq)
-            .map_err(ring_setup_error),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::builder().setup_cqsize(cq).build(sq).map_err(ring_setup_error)
+        }
         Err(e) => Err(ring_setup_error(e)),
     }
 }
@@ -115,10 +113,7 @@ unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) {
         match ring.submit() {
             Ok(_) => {}
             Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                ) => {}
+                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
             Err(e) => panic!("io_uring_enter failed while the submission queue is full: {e}"),
         }
     }
@@ -129,6 +124,7 @@ struct Sq<'a> {
     ring: &'a mut IoUring,
     tags: &'a mut [Tag],
     backend_inflight: &'a mut usize,
+    stats: &'a QueueStats,
 }
 
 impl Submit for Sq<'_> {
@@ -136,15 +132,37 @@ impl Submit for Sq<'_> {
         let t = &mut self.tags[usize::from(req.tag)];
         t.issue();
         *self.backend_inflight += 1;
-        let ud = UserData {
-            tag: req.tag,
-            kind: Kind::Target,
-            sub,
-            gen: t.gen,
-        };
+        let ud = UserData { tag: req.tag, kind: Kind::Target, sub, gen: t.gen };
         // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
         unsafe { push_sqe(self.ring, &sqe.user_data(ud.encode())) };
     }
+
+    fn stats(&self) -> &QueueStats {
+        self.stats
+    }
+}
+
+/// Counts a delivered request by op.
+fn count_request(s: &QueueStats, d: &ublksrv_io_desc) {
+    let bytes = u64::from(d.nr_sectors) * 512;
+    match d.op() {
+        UBLK_IO_OP_READ => {
+            QueueStats::bump(&s.reads, 1);
+            QueueStats::bump(&s.read_bytes, bytes);
+        }
+        UBLK_IO_OP_WRITE => {
+            QueueStats::bump(&s.writes, 1);
+            QueueStats::bump(&s.written_bytes, bytes);
+            if d.flags() & UBLK_IO_F_FUA != 0 {
+                QueueStats::bump(&s.fua_writes, 1);
+            }
+        }
+        UBLK_IO_OP_FLUSH => QueueStats::bump(&s.flushes, 1),
+        UBLK_IO_OP_DISCARD => QueueStats::bump(&s.discards, 1),
+        UBLK_IO_OP_WRITE_ZEROES => QueueStats::bump(&s.write_zeroes, 1),
+        _ => {}
+    }
+    QueueStats::bump(&s.io_now, 1);
 }
 
 /// How the queue ended.
@@ -215,18 +233,8 @@ impl Queue {
     }
 
     fn push_ublk(&mut self, tag: u16, op: u32, result: i32) {
-        let cmd = ublksrv_io_cmd {
-            q_id: self.cfg.q,
-            tag,
-            result,
-            addr: self.bufs.ptr(tag) as u64,
-        };
-        let ud = UserData {
-            tag,
-            kind: Kind::Ublk,
-            sub: 0,
-            gen: 0,
-        };
+        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr: self.bufs.ptr(tag) as u64 };
+        let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
         let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
             .cmd(cmd.to_bytes())
             .build()
@@ -237,12 +245,7 @@ impl Queue {
     }
 
     fn arm_stop(&mut self) {
-        let ud = UserData {
-            tag: 0,
-            kind: Kind::Engine,
-            sub: 0,
-            gen: 0,
-        };
+        let ud = UserData { tag: 0, kind: Kind::Engine, sub: 0, gen: 0 };
         let sqe = opcode::PollAdd::new(types::Fd(self.cfg.stop_fd), libc::POLLIN as u32)
             .build()
             .user_data(ud.encode());
@@ -267,6 +270,7 @@ impl Queue {
                 let _ = self.ring.submit();
                 break;
             }
+            QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).ring_enters, 1);
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e)
@@ -278,26 +282,14 @@ impl Queue {
             }
             self.drain();
         }
-        let aborted = self
-            .tags
-            .iter()
-            .filter(|t| t.state == TagState::Done)
-            .count();
-        Ok(QueueExit {
-            requests: self.requests,
-            aborted_tags: aborted as u16,
-        })
+        let aborted = self.tags.iter().filter(|t| t.state == TagState::Done).count();
+        Ok(QueueExit { requests: self.requests, aborted_tags: aborted as u16 })
     }
 
     fn drain(&mut self) {
         self.cqes.clear();
         let cap = self.cqes.capacity();
-        self.cqes.extend(
-            self.ring
-                .completion()
-                .take(cap)
-                .map(|c| (c.user_data(), c.result())),
-        );
+        self.cqes.extend(self.ring.completion().take(cap).map(|c| (c.user_data(), c.result())));
         for i in 0..self.cqes.len() {
             let (ud, res) = self.cqes[i];
             self.dispatch(ud, res);
@@ -316,11 +308,7 @@ impl Queue {
                 // Drain the eventfd so a later poll does not fire again at once.
                 // SAFETY: reading 8 bytes into an 8-byte local from an eventfd we own.
                 unsafe {
-                    libc::read(
-                        self.cfg.stop_fd,
-                        &mut self.stop_buf as *mut u64 as *mut _,
-                        8,
-                    )
+                    libc::read(self.cfg.stop_fd, &mut self.stop_buf as *mut u64 as *mut _, 8)
                 };
             }
             Kind::Ublk => {
@@ -335,10 +323,13 @@ impl Queue {
                     let req = &mut self.reqs[usize::from(tag)];
                     req.desc = self.desc.read(tag);
                     let req = *req;
+                    let stats = self.cfg.stats.queue(self.cfg.q);
+                    count_request(stats, &req.desc);
                     let mut sq = Sq {
                         ring: &mut self.ring,
                         tags: &mut self.tags,
                         backend_inflight: &mut self.backend_inflight,
+                        stats,
                     };
                     let flow = self.handler.start(&req, &mut sq);
                     self.settle(tag, flow);
@@ -366,6 +357,7 @@ impl Queue {
                     ring: &mut self.ring,
                     tags: &mut self.tags,
                     backend_inflight: &mut self.backend_inflight,
+                    stats: self.cfg.stats.queue(self.cfg.q),
                 };
                 let flow = self.handler.complete(&req, ud.sub, res, &mut sq);
                 self.settle(tag, flow);
@@ -379,10 +371,7 @@ impl Queue {
         let res = match flow {
             Flow::Pending if t.inflight > 0 => return,
             Flow::Pending => {
-                debug_assert!(
-                    false,
-                    "target left tag {tag} pending with nothing in flight"
-                );
+                debug_assert!(false, "target left tag {tag} pending with nothing in flight");
                 -libc::EIO
             }
             Flow::Done(_) if t.inflight > 0 => {
@@ -392,6 +381,11 @@ impl Queue {
             Flow::Done(r) => r,
         };
         t.commit();
+        let stats = self.cfg.stats.queue(self.cfg.q);
+        QueueStats::drop_one(&stats.io_now);
+        if res < 0 {
+            QueueStats::bump(&stats.io_errors, 1);
+        }
         self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
     }
 }

@@ -43,12 +43,7 @@ impl UserData {
             2 => Kind::Engine,
             _ => return None,
         };
-        Some(UserData {
-            tag: v as u16,
-            kind,
-            sub: (v >> 24) as u8,
-            gen: (v >> 32) as u16,
-        })
+        Some(UserData { tag: v as u16, kind, sub: (v >> 24) as u8, gen: (v >> 32) as u16 })
     }
 }
 
@@ -74,11 +69,7 @@ pub struct Tag {
 
 impl Tag {
     pub const fn new() -> Self {
-        Tag {
-            state: TagState::Idle,
-            inflight: 0,
-            gen: 0,
-        }
+        Tag { state: TagState::Idle, inflight: 0, gen: 0 }
     }
 
     /// Idle → Fetching: the first FETCH_REQ was queued.
@@ -89,12 +80,7 @@ impl Tag {
 
     /// Fetching → Serving: a request arrived. Returns the new generation.
     pub fn deliver(&mut self) -> u16 {
-        debug_assert_eq!(
-            self.state,
-            TagState::Fetching,
-            "deliver in {:?}",
-            self.state
-        );
+        debug_assert_eq!(self.state, TagState::Fetching, "deliver in {:?}", self.state);
         debug_assert_eq!(self.inflight, 0);
         self.state = TagState::Serving;
         self.gen = self.gen.wrapping_add(1);
@@ -147,12 +133,7 @@ mod tests {
             (4095, Kind::Target, 7, 65535),
             (65535, Kind::Engine, 255, 1),
         ] {
-            let u = UserData {
-                tag,
-                kind,
-                sub,
-                gen,
-            };
+            let u = UserData { tag, kind, sub, gen };
             assert_eq!(UserData::decode(u.encode()), Some(u));
         }
         assert_eq!(UserData::decode(9 << 16), None);

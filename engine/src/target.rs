@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 use io_uring::squeue;
 
 use crate::error::Result;
+use crate::stats::QueueStats;
 use crate::uapi::ublksrv_io_desc;
 
 /// Block-device parameters a target asks for.
@@ -65,6 +66,8 @@ pub trait Submit {
     /// Every buffer `sqe` points at must stay valid until its completion is delivered to
     /// [`QueueHandler::complete`]. The tag's own buffer (`Request::buf`) does.
     unsafe fn push(&mut self, req: &Request, sub: u8, sqe: squeue::Entry);
+    /// The queue's counters, for the target's backend operations.
+    fn stats(&self) -> &QueueStats;
 }
 
 /// Serves one queue's requests. Lives on (and only on) that queue's thread.

@@ -588,10 +588,7 @@ mod tests {
     fn user_copy_offsets() {
         assert_eq!(user_copy_offset(0, 0, 0), 0x8000_0000);
         assert_eq!(user_copy_offset(0, 1, 0), 0x8000_0000 + (1 << 25));
-        assert_eq!(
-            user_copy_offset(2, 3, 512),
-            0x8000_0000 + (2 << 41) + (3 << 25) + 512
-        );
+        assert_eq!(user_copy_offset(2, 3, 512), 0x8000_0000 + (2 << 41) + (3 << 25) + 512);
     }
 
     #[test]
@@ -606,12 +603,7 @@ mod tests {
 
     #[test]
     fn io_cmd_bytes_are_the_struct_bytes() {
-        let c = ublksrv_io_cmd {
-            q_id: 1,
-            tag: 2,
-            result: -5,
-            addr: 0x1122_3344_5566_7788,
-        };
+        let c = ublksrv_io_cmd { q_id: 1, tag: 2, result: -5, addr: 0x1122_3344_5566_7788 };
         let b = c.to_bytes();
         // SAFETY: ublksrv_io_cmd is repr(C), 16 bytes, no padding; reading its bytes is sound.
         let raw: [u8; 16] = unsafe { std::mem::transmute(c) };

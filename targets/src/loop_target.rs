@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types};
+use ublk_fast_engine::stats::QueueStats;
 use ublk_fast_engine::target::{
     DiscardLimits, Flow, QueueHandler, Request, Submit, Target, TargetParams,
 };
@@ -100,17 +101,11 @@ impl LoopTarget {
         })?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            return Err(invalid(
-                path,
-                "is a directory: give a regular file or a block device",
-            ));
+            return Err(invalid(path, "is a directory: give a regular file or a block device"));
         }
         let is_blkdev = ft.is_block_device();
         if !ft.is_file() && !is_blkdev {
-            return Err(invalid(
-                path,
-                "is neither a regular file nor a block device",
-            ));
+            return Err(invalid(path, "is neither a regular file nor a block device"));
         }
         let mut flags = libc::O_CLOEXEC;
         if !opts.buffered {
@@ -138,11 +133,7 @@ impl LoopTarget {
                 _ => invalid(path, e),
             })?;
         // One read-write server per backing store: two would corrupt each other's data.
-        let lock = if opts.read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
+        let lock = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
             return Err(invalid(
@@ -330,6 +321,7 @@ impl LoopQueue {
             let mut w = opcode::Write::new(BACKING, buf, len).offset(off);
             if req.desc.flags() & UBLK_IO_F_FUA != 0 {
                 w = w.rw_flags(libc::RWF_DSYNC);
+                QueueStats::bump(&io.stats().backend_dsync_writes, 1);
             }
             w.build()
         };
@@ -356,9 +348,7 @@ impl LoopQueue {
         // SAFETY: BLKDISCARD reads two u64s from `range`, which lives across the call.
         let r = unsafe { libc::ioctl(self.fd, BLKDISCARD, range.as_ptr()) };
         if r < 0 {
-            -io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO)
+            -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
         } else {
             0
         }
@@ -368,10 +358,7 @@ impl LoopQueue {
 impl QueueHandler for LoopQueue {
     fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow {
         let op = req.desc.op();
-        let writes = matches!(
-            op,
-            UBLK_IO_OP_WRITE | UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES
-        );
+        let writes = matches!(op, UBLK_IO_OP_WRITE | UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES);
         if writes && self.read_only {
             return Flow::Done(-libc::EROFS);
         }
@@ -385,9 +372,7 @@ impl QueueHandler for LoopQueue {
                 Flow::Pending
             }
             UBLK_IO_OP_FLUSH => {
-                let sqe = opcode::Fsync::new(BACKING)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
+                let sqe = opcode::Fsync::new(BACKING).flags(types::FsyncFlags::DATASYNC).build();
                 // SAFETY: fsync references no memory.
                 unsafe { io.push(req, sub::FLUSH, sqe) };
                 Flow::Pending
@@ -455,11 +440,7 @@ mod tests {
     }
 
     fn buffered() -> LoopOptions {
-        LoopOptions {
-            buffered: true,
-            discard: true,
-            ..Default::default()
-        }
+        LoopOptions { buffered: true, discard: true, ..Default::default() }
     }
 
     #[test]
@@ -481,10 +462,7 @@ mod tests {
         let odd = tmpfile(4096 + 100);
         assert!(msg(&odd, &buffered()).contains("not a multiple"));
         let ok = tmpfile(1 << 20);
-        let bad_bs = LoopOptions {
-            block_size: Some(1000),
-            ..buffered()
-        };
+        let bad_bs = LoopOptions { block_size: Some(1000), ..buffered() };
         assert!(msg(&ok, &bad_bs).contains("--block-size 1000"));
         for p in [empty, odd, ok] {
             let _ = std::fs::remove_file(p);
@@ -504,14 +482,7 @@ mod tests {
         assert_ne!(params.attrs & UBLK_ATTR_FUA, 0);
         assert!(params.discard.is_some());
         drop(t);
-        let ro = LoopTarget::open(
-            &p,
-            &LoopOptions {
-                read_only: true,
-                ..buffered()
-            },
-        )
-        .unwrap();
+        let ro = LoopTarget::open(&p, &LoopOptions { read_only: true, ..buffered() }).unwrap();
         assert_ne!(ro.params().attrs & UBLK_ATTR_READ_ONLY, 0);
         assert!(ro.params().discard.is_none());
         let _ = std::fs::remove_file(p);

@@ -36,9 +36,7 @@ impl Target for NullTarget {
     }
 
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
-        Ok(Box::new(NullQueue {
-            dirty: vec![false; usize::from(depth)],
-        }))
+        Ok(Box::new(NullQueue { dirty: vec![false; usize::from(depth)] }))
     }
 }
 

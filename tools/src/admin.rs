@@ -6,7 +6,9 @@ use serde::Serialize;
 use ublk_fast_engine::ctrl::{list_dev_ids, Control};
 use ublk_fast_engine::uapi::{feature_names, state_name};
 
-use crate::record::Record;
+use ublk_fast_engine::stats::{StatsRegion, COUNTER_NAMES};
+
+use crate::record::{self, Record};
 use crate::CliError;
 
 #[derive(Serialize, Debug)]
@@ -25,12 +27,24 @@ pub struct DevRow {
     pub target: Option<String>,
     pub args: Vec<String>,
     pub flags: Vec<String>,
+    /// The daemon's counters summed over its queues (absent if it publishes none).
+    pub stats: Option<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+/// Sums the per-queue counters of a daemon's stats file.
+fn stats(id: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
+    let rows = StatsRegion::read_file(&record::stats_path(id))?;
+    Some(
+        COUNTER_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, rows.iter().map(|r| r[i]).fold(0u64, u64::wrapping_add)))
+            .collect(),
+    )
 }
 
 fn no_such_device(id: u32) -> CliError {
-    CliError::runtime(format!(
-        "no ublk device with id {id} (see `ublk-fast list`)"
-    ))
+    CliError::runtime(format!("no ublk device with id {id} (see `ublk-fast list`)"))
 }
 
 fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
@@ -38,9 +52,7 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         libc::ENODEV | libc::ENOENT => no_such_device(id),
         _ => CliError::runtime(e.to_string()),
     })?;
-    let params = c
-        .get_params(id)
-        .map_err(|e| CliError::runtime(e.to_string()))?;
+    let params = c.get_params(id).map_err(|e| CliError::runtime(e.to_string()))?;
     let rec = Record::load(id);
     Ok(DevRow {
         id,
@@ -57,6 +69,7 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         target: rec.as_ref().map(|r| r.target.clone()),
         args: rec.map(|r| r.args).unwrap_or_default(),
         flags: feature_names(info.flags),
+        stats: stats(id),
     })
 }
 
@@ -76,10 +89,7 @@ pub fn list(id: Option<u32>, json: bool) -> Result<(), CliError> {
         }
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
-        );
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into()));
         return Ok(());
     }
     println!(
@@ -116,15 +126,21 @@ fn del_one(c: &mut Control, id: u32) -> Result<(), CliError> {
         libc::ENODEV | libc::ENOENT => no_such_device(id),
         _ => CliError::runtime(e.to_string()),
     })?;
-    // STOP_DEV fails harmlessly on a device that is already stopped or dead.
+    // STOP_DEV fails harmlessly on a device that is already stopped or dead. It ends the I/O
+    // in flight and makes the daemon's queues exit.
     let _ = c.stop_dev(id);
-    c.del_dev(id)
-        .map_err(|e| CliError::runtime(e.to_string()))?;
+    c.del_dev_nowait(id).map_err(|e| CliError::runtime(e.to_string()))?;
     Record::remove(id);
-    // DEL_DEV returned once the daemon closed /dev/ublkcN; give it a moment to exit.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while process_alive(info.ublksrv_pid) && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gone = || !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists();
+    while (!gone() || process_alive(info.ublksrv_pid)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if !gone() {
+        eprintln!(
+            "ublk-fast: device {id} is stopped; the kernel removes it when the last program \
+             holding /dev/ublkb{id} open closes it"
+        );
     }
     Ok(())
 }

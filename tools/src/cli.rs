@@ -5,10 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "ublk-fast", version, about = "A fast Linux ublk server", long_about = None)]
-#[command(
-    subcommand_value_name = "COMMAND|TARGET",
-    disable_help_subcommand = true
-)]
+#[command(subcommand_value_name = "COMMAND|TARGET", disable_help_subcommand = true)]
 pub struct Cli {
     #[command(flatten)]
     pub add: AddOpts,
@@ -37,12 +34,7 @@ pub enum Command {
     /// Stop and delete devices
     Del {
         /// The device to delete
-        #[arg(
-            short = 'n',
-            long = "id",
-            required_unless_present = "all",
-            conflicts_with = "all"
-        )]
+        #[arg(short = 'n', long = "id", required_unless_present = "all", conflicts_with = "all")]
         id: Option<u32>,
         /// Every ublk device
         #[arg(short = 'a', long)]

@@ -37,10 +37,7 @@ fn block_signals() {
 
 fn wait_signal(timeout: Duration) -> Option<i32> {
     let set = signal_set();
-    let ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: timeout.as_nanos().min(999_999_999) as i64,
-    };
+    let ts = libc::timespec { tv_sec: 0, tv_nsec: timeout.as_nanos().min(999_999_999) as i64 };
     // SAFETY: `set` and `ts` are valid for the call; no siginfo is requested.
     let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     (r > 0).then_some(r)
@@ -79,11 +76,7 @@ fn detach_stdio() {
             libc::close(null);
         }
         if let Ok(p) = std::ffi::CString::new(log.as_os_str().as_encoded_bytes()) {
-            let fd = libc::open(
-                p.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
-                0o644,
-            );
+            let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o644);
             if fd >= 0 {
                 libc::dup2(fd, 2);
                 libc::close(fd);
@@ -100,9 +93,8 @@ fn serve(
     mut pipe: Option<File>,
 ) -> Result<(), CliError> {
     block_signals();
-    let dev = Device::create(cfg, Arc::clone(&target), &mut |id| {
-        report(&mut pipe, Report::Added(id))
-    });
+    let dev =
+        Device::create(cfg, Arc::clone(&target), &mut |id| report(&mut pipe, Report::Added(id)));
     let dev = match dev {
         Ok(d) => d,
         Err(e) => {
@@ -123,10 +115,7 @@ fn serve(
         queue_cpus: dev.queue_cpus.clone(),
     };
     if let Err(e) = rec.save() {
-        eprintln!(
-            "ublk-fast: warning: cannot write {}: {e}",
-            record::path(id).display()
-        );
+        eprintln!("ublk-fast: warning: cannot write {}: {e}", record::path(id).display());
     }
     if pipe.is_some() {
         report(&mut pipe, Report::Live(id));
@@ -145,7 +134,7 @@ fn serve(
         if dev.any_queue_ended() {
             // Stopped or deleted from outside (`ublk-fast del`): let go so DEL_DEV can finish.
             let r = dev.release();
-            Record::remove(id);
+            Record::remove_if_owned(id, rec.pid);
             return r.map_err(|e| CliError::runtime(e.to_string()));
         }
     }
@@ -160,10 +149,7 @@ pub fn run_background(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<(),
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CliError::runtime(format!(
-            "pipe: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(CliError::runtime(format!("pipe: {}", std::io::Error::last_os_error())));
     }
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
@@ -171,10 +157,7 @@ pub fn run_background(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<(),
     // may run arbitrary code after fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(CliError::runtime(format!(
-            "fork: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(CliError::runtime(format!("fork: {}", std::io::Error::last_os_error())));
     }
     if pid == 0 {
         // SAFETY: closing our copy of the read end; the write end becomes the child's File.

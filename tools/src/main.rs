@@ -28,17 +28,11 @@ pub struct CliError {
 impl CliError {
     /// The user asked for something that cannot be: exit 2.
     pub fn usage(msg: impl Into<String>) -> Self {
-        CliError {
-            msg: msg.into(),
-            code: 2,
-        }
+        CliError { msg: msg.into(), code: 2 }
     }
     /// The system refused: exit 1.
     pub fn runtime(msg: impl Into<String>) -> Self {
-        CliError {
-            msg: msg.into(),
-            code: 1,
-        }
+        CliError { msg: msg.into(), code: 1 }
     }
 }
 
@@ -105,11 +99,8 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
         Some(s) => {
             let cpus =
                 parse_cpu_list(s).map_err(|m| CliError::usage(format!("--cpus {s}: {m}")))?;
-            let offline: Vec<String> = cpus
-                .iter()
-                .filter(|c| !online.contains(c))
-                .map(|c| c.to_string())
-                .collect();
+            let offline: Vec<String> =
+                cpus.iter().filter(|c| !online.contains(c)).map(|c| c.to_string()).collect();
             if !offline.is_empty() {
                 let on =
                     std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
@@ -131,6 +122,7 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
         depth,
         cpus,
         max_io_bytes: DeviceConfig::DEFAULT_MAX_IO_BYTES,
+        stats_dir: Some(record::run_dir()),
     };
     if opts.foreground {
         daemon::run_foreground(&cfg, target)
@@ -176,9 +168,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 /// clap's errors span several lines; users get one, with where to look next.
 fn one_line(e: &clap::Error) -> String {
+    // The message is the first paragraph (some kinds continue it on indented lines).
     let rendered = e.render().to_string();
-    let first = rendered.lines().next().unwrap_or("invalid arguments");
-    let first = first.trim_start_matches("error: ");
+    let para: Vec<&str> =
+        rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+    let joined = para.join(" ");
+    let first = joined.trim_start_matches("error: ");
     match e.kind() {
         ErrorKind::InvalidSubcommand => {
             format!(

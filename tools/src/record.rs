@@ -27,6 +27,11 @@ pub fn path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.json"))
 }
 
+/// The counters the daemon publishes (see `ublk_fast_engine::stats`).
+pub fn stats_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.stats"))
+}
+
 impl Record {
     /// Write to a temporary name, fsync, rename: readers see the old file or the new, never half.
     pub fn save(&self) -> std::io::Result<()> {
@@ -43,8 +48,18 @@ impl Record {
         serde_json::from_str(&std::fs::read_to_string(path(id)).ok()?).ok()
     }
 
+    /// Removes the record only if it is still `pid`'s: a device deleted from outside may already
+    /// have a successor with the same id.
+    pub fn remove_if_owned(id: u32, pid: i32) {
+        if Record::load(id).is_some_and(|r| r.pid == pid) {
+            Record::remove(id);
+        }
+    }
+
+    /// Removes the record and the daemon's counters file.
     pub fn remove(id: u32) {
         let _ = std::fs::remove_file(path(id));
+        let _ = std::fs::remove_file(stats_path(id));
     }
 }
 

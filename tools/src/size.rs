@@ -15,14 +15,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
-        _ => {
-            return Err(format!(
-                "`{s}`: unknown unit `{unit}` (use K, M, G, T or P)"
-            ))
-        }
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use K, M, G, T or P)")),
     };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]
@@ -42,15 +37,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        for bad in [
-            "",
-            "G",
-            "-1",
-            "1X",
-            "1.5G",
-            "99999999999999999999",
-            "16777216T",
-        ] {
+        for bad in ["", "G", "-1", "1X", "1.5G", "99999999999999999999", "16777216T"] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
         }
     }

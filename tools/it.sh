@@ -1,0 +1,28 @@
+#!/bin/bash
+# Runs the integration test binaries listed in $1 (one path a line) with --ignored, one test at
+# a time (they share the kernel's device table), where ublk_drv is loaded. Prints one closing
+# line "integration: N passed, M failed". Called by tools/test.sh through tools/vm/run.sh.
+set -u
+list=$1; filter=${2:-}
+modprobe ublk_drv || { echo "it.sh: cannot load ublk_drv"; exit 1; }
+modprobe loop 2>/dev/null
+echo "kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/{print int($2/1024)" MiB"}' /proc/meminfo), fio $(fio --version)"
+passed=0; failed=0; rc=0
+while read -r bin; do
+  [ -x "$bin" ] || { echo "it.sh: missing $bin"; rc=1; continue; }
+  echo "--- $(basename "$bin")"
+  out=$(mktemp)
+  # shellcheck disable=SC2086
+  "$bin" --ignored --test-threads=1 --nocapture $filter 2>&1 | tee "$out"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  p=$(sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$out" | tail -1)
+  f=$(sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$out" | tail -1)
+  passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
+  rm -f "$out"
+done < "$list"
+# Leave nothing behind, and say so if a test did.
+left=$(ls /sys/class/ublk-char 2>/dev/null | wc -l)
+[ "$left" = 0 ] || { echo "it.sh: $left ublk device(s) left behind"; rc=1; }
+echo "integration: $passed passed, $failed failed"
+[ "$failed" = 0 ] || rc=1
+exit $rc

@@ -1,0 +1,110 @@
+//! Every bad input gets one clear line on stderr, a non-zero exit, and leaves no device or
+//! daemon behind.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn bad_input_table() {
+    require_driver();
+    let b = bin();
+    let offline = sh("nproc --all").trim().parse::<usize>().unwrap() + 100;
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{b} nosuch"), "unrecognized subcommand 'nosuch'"),
+        (format!("{b} null --bogus"), "unexpected argument '--bogus'"),
+        (format!("{b} --bogus null"), "unexpected argument '--bogus'"),
+        (format!("{b} null -d 0"), "0 is not in 1..=4096"),
+        (format!("{b} null --depth 4097"), "4097 is not in 1..=4096"),
+        (format!("{b} null -q 0"), "0 is not in 1..=4096"),
+        (format!("{b} null --cpus {offline}"), "is not online"),
+        (format!("{b} null --cpus 0-{offline}"), "is not online"),
+        (format!("{b} null --cpus 3-1"), "runs backwards"),
+        (format!("{b} null --cpus x"), "is not a CPU number"),
+        (format!("{b} null --size 0"), "non-zero multiple of 512"),
+        (format!("{b} null --size 1000"), "non-zero multiple of 512"),
+        (format!("{b} null --size 1X"), "unknown unit"),
+        (format!("{b} null --size G"), "is not a size"),
+        (format!("{b} -n 3 list"), "do not apply to `list`"),
+        (format!("{b} del"), "--id"),
+        (format!("{b} del -n 999"), "no ublk device with id 999"),
+        (format!("{b} list -n 999"), "no ublk device with id 999"),
+        (format!("{b} loop"), "<PATH>"),
+        (format!("{b} loop /nonexistent/file"), "no such file"),
+        (format!("{b} loop /tmp"), "is a directory"),
+        (format!("{b} loop /dev/null"), "neither a regular file nor a block device"),
+    ];
+    for (cmd, expect) in &cases {
+        check_refused(cmd, expect);
+    }
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn taken_id_is_refused_and_the_first_device_survives() {
+    let dev = Dev::add(&["null", "--size", "16M", "-n", "7"]);
+    check_refused(&format!("{} null --size 16M -n 7", bin()), "device id is taken");
+    assert_eq!(dev.info()["state"], "LIVE");
+    dev.del();
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn not_root_is_refused() {
+    require_driver();
+    check_refused(
+        &format!("setpriv --reuid=65534 --regid=65534 --clear-groups {} null", bin()),
+        "must run as root",
+    );
+    check_refused(
+        &format!("setpriv --reuid=65534 --regid=65534 --clear-groups {} list", bin()),
+        "must run as root",
+    );
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn io_uring_disabled_is_refused() {
+    require_driver();
+    let knob = "/proc/sys/kernel/io_uring_disabled";
+    let Ok(old) = std::fs::read_to_string(knob) else {
+        println!("SKIP: this kernel has no {knob}");
+        return;
+    };
+    let devs = dev_ids();
+    std::fs::write(knob, "2").unwrap();
+    let o = sh_any(&format!("{} null --size 16M", bin()));
+    std::fs::write(knob, old.trim()).unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("io_uring is disabled"), "{err}");
+    assert_eq!(dev_ids(), devs);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn missing_driver_is_refused_with_the_fix() {
+    require_driver();
+    if !dev_ids().is_empty() {
+        println!("SKIP: devices exist, cannot unload ublk_drv");
+        return;
+    }
+    let rm = Command::new("rmmod").arg("ublk_drv").output().unwrap();
+    if !rm.status.success() {
+        println!("SKIP: cannot unload ublk_drv (built in?): {}", stderr(&rm).trim());
+        return;
+    }
+    let o = sh_any(&format!("{} null --size 16M", bin()));
+    let l = sh_any(&format!("{} list", bin()));
+    require_driver();
+    for out in [o, l] {
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("modprobe ublk_drv"), "{err}");
+    }
+}

@@ -1,0 +1,179 @@
+//! Helpers for the integration tests. They run against the real ublk driver (inside the VM of
+//! `tools/vm/run.sh`, or directly on a host that has `ublk_drv`) and are `#[ignore]`d in a plain
+//! `cargo test` on a host without it: `tools/test.sh` runs them with `--ignored`.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NEEDS_UBLK: &str = "needs the ublk driver: run through tools/test.sh";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ublk-fast")
+}
+
+/// Loads ublk_drv if needed; the driver is a hard requirement of these tests.
+pub fn require_driver() {
+    if !Path::new("/dev/ublk-control").exists() {
+        let _ = Command::new("modprobe").arg("ublk_drv").status();
+    }
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "no /dev/ublk-control: these tests need ublk_drv (run them through tools/test.sh)"
+    );
+}
+
+pub fn ublk(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("run ublk-fast")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a shell command; panics with its output if it fails.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("bash").arg("-c").arg(cmd).output().expect("run bash");
+    assert!(o.status.success(), "`{cmd}` failed ({}):\n{}{}", o.status, stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// Runs a shell command and returns its full output, whatever its status.
+pub fn sh_any(cmd: &str) -> Output {
+    Command::new("bash").arg("-c").arg(cmd).output().expect("run bash")
+}
+
+/// A device created by `ublk-fast`, deleted on drop.
+pub struct Dev {
+    pub id: u32,
+    pub path: String,
+}
+
+impl Dev {
+    pub fn add(args: &[&str]) -> Dev {
+        require_driver();
+        let o = ublk(args);
+        assert!(o.status.success(), "ublk-fast {args:?} failed: {}", stderr(&o));
+        let path = stdout(&o).trim().to_string();
+        let id = path
+            .strip_prefix("/dev/ublkb")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected output {path:?}"));
+        assert!(Path::new(&path).exists(), "{path} missing after add");
+        Dev { id, path }
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        let o = ublk(&["list", "-n", &self.id.to_string(), "--json"]);
+        assert!(o.status.success(), "list failed: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("list --json is JSON");
+        v[0].clone()
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.info()["stats"][name].as_u64().unwrap_or_else(|| panic!("no stat {name}"))
+    }
+
+    /// Deletes the device and checks it is really gone.
+    pub fn del(mut self) {
+        let o = ublk(&["del", "-n", &self.id.to_string()]);
+        assert!(o.status.success(), "del failed: {}", stderr(&o));
+        assert!(wait_gone(&self.path), "{} still there after del", self.path);
+        self.id = u32::MAX;
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if self.id != u32::MAX {
+            let _ = ublk(&["del", "-n", &self.id.to_string()]);
+        }
+    }
+}
+
+pub fn wait_gone(path: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(path).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Ids of the ublk devices that exist.
+pub fn dev_ids() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// PIDs of running ublk-fast processes (daemons).
+pub fn daemons() -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            if comm.trim() == "ublk-fast" {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+/// Runs fio with `args` (plus JSON output) and returns its parsed report; fio must succeed.
+pub fn fio(args: &[&str]) -> serde_json::Value {
+    let o = Command::new("fio")
+        .args(args)
+        .args(["--output-format=json", "--eta=never"])
+        .output()
+        .expect("run fio");
+    let out = stdout(&o);
+    assert!(o.status.success(), "fio {args:?} failed ({}):\n{out}\n{}", o.status, stderr(&o));
+    // fio may print warnings before the JSON document.
+    let start = out.find('{').expect("fio printed no JSON");
+    serde_json::from_str(&out[start..]).expect("fio JSON")
+}
+
+/// Total I/Os and errors over all jobs of a fio report.
+pub fn fio_totals(v: &serde_json::Value) -> (u64, u64) {
+    let mut ios = 0;
+    let mut errs = 0;
+    for j in v["jobs"].as_array().expect("jobs") {
+        for d in ["read", "write"] {
+            ios += j[d]["total_ios"].as_u64().unwrap_or(0);
+        }
+        errs += j["error"].as_u64().unwrap_or(0);
+    }
+    (ios, errs)
+}
+
+/// Runs `cmd` (a full command line, run by bash) and checks the failure contract.
+pub fn check_refused(cmd: &str, expect: &str) {
+    let devs = dev_ids();
+    let procs = daemons();
+    let o = sh_any(cmd);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "`{cmd}` succeeded; stdout: {}", stdout(&o));
+    assert!(!err.contains("panicked"), "`{cmd}` panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "`{cmd}`: not one line:\n{err}");
+    assert!(err.starts_with("ublk-fast: error: "), "`{cmd}`: {err}");
+    assert!(err.contains(expect), "`{cmd}`: expected {expect:?} in: {err}");
+    assert_eq!(dev_ids(), devs, "`{cmd}` left a device behind");
+    assert_eq!(daemons(), procs, "`{cmd}` left a process behind");
+    println!("ok: {cmd}\n    -> {}", err.trim_end());
+}

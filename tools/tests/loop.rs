@@ -1,0 +1,348 @@
+//! The loop target's contract: every byte right, every durability request honoured.
+//! Backing files live on the guest's tmpfs /tmp (O_DIRECT capable since Linux 6.6); the block
+//! device backend is a kernel loop device over such a file.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// A backing file of `size` bytes filled from `src` (/dev/zero or /dev/urandom).
+fn backing(name: &str, size_mb: u64, src: &str) -> String {
+    let p = format!("/tmp/ublk-fast-it-{name}.img");
+    sh(&format!("dd if={src} of={p} bs=1M count={size_mb} status=none"));
+    p
+}
+
+fn rm(p: &str) {
+    let _ = std::fs::remove_file(p);
+}
+
+/// A kernel loop device (direct I/O) over `file`, detached on drop.
+struct KLoop(String);
+
+impl KLoop {
+    fn new(file: &str) -> KLoop {
+        let _ = sh_any("modprobe loop");
+        KLoop(sh(&format!("losetup --direct-io=on -f --show {file}")).trim().to_string())
+    }
+}
+
+impl Drop for KLoop {
+    fn drop(&mut self) {
+        let _ = sh_any(&format!("losetup -d {}", self.0));
+    }
+}
+
+/// fio random writes + crc32c verify: 4k, 64k, 1M and a mixed split, at depths 1, 32, 128.
+fn fio_verify_matrix(dev: &str) -> u64 {
+    let jobfile = format!("/tmp/verify-{}.fio", dev.replace('/', "_"));
+    let mut job = format!(
+        "[global]\nfilename={dev}\nioengine=io_uring\ndirect=1\nrw=randwrite\nverify=crc32c\n\
+         do_verify=1\nverify_fatal=1\nstonewall\n"
+    );
+    for (bs, size) in [
+        ("bs=4k", "8M"),
+        ("bs=64k", "32M"),
+        ("bs=1M", "64M"),
+        ("bssplit=4k/40:16k/30:64k/20:1M/10", "32M"),
+    ] {
+        for qd in [1, 32, 128] {
+            job += &format!(
+                "[{}-qd{qd}]\n{bs}\nsize={size}\niodepth={qd}\n",
+                bs.replace(['=', '/', ':'], "_")
+            );
+        }
+    }
+    std::fs::write(&jobfile, job).unwrap();
+    let r = fio(&[&jobfile]);
+    rm(&jobfile);
+    let (ios, errs) = fio_totals(&r);
+    assert_eq!(errs, 0);
+    assert_eq!(r["jobs"].as_array().unwrap().len(), 12);
+    ios
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn fio_verify_on_a_file_backend() {
+    let f = backing("fio-file", 128, "/dev/zero");
+    for q in ["1", "2"] {
+        let dev = Dev::add(&["loop", &f, "-q", q]);
+        let ios = fio_verify_matrix(&dev.path);
+        println!("file backend, queues={q}: {ios} I/Os verified, 12 jobs");
+        assert_eq!(dev.stat("io_errors"), 0);
+        dev.del();
+    }
+    rm(&f);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn fio_verify_on_a_block_device_backend() {
+    let f = backing("fio-blk", 128, "/dev/zero");
+    let kl = KLoop::new(&f);
+    for q in ["1", "2"] {
+        let dev = Dev::add(&["loop", &kl.0, "-q", q]);
+        let info = dev.info();
+        assert_eq!(info["size_bytes"], 128u64 << 20);
+        let ios = fio_verify_matrix(&dev.path);
+        println!("block backend {}, queues={q}: {ios} I/Os verified, 12 jobs", kl.0);
+        dev.del();
+    }
+    drop(kl);
+    rm(&f);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn bytes_written_through_the_device_are_the_bytes_in_the_file_and_back() {
+    let f = backing("identity", 64, "/dev/zero");
+    let pat = "/tmp/ublk-fast-it-pattern";
+    sh(&format!("head -c 24M /dev/urandom > {pat}"));
+    // Through the device into the file, at an odd 4 KiB-aligned offset.
+    let dev = Dev::add(&["loop", &f]);
+    sh(&format!(
+        "dd if={pat} of={} bs=64k seek=151552 oflag=direct,seek_bytes status=none conv=notrunc",
+        dev.path
+    ));
+    dev.del();
+    sh(&format!("cmp -n 25165824 {pat} <(tail -c +151553 {f})"));
+    sh(&format!("cmp -n 151552 /dev/zero {f}"));
+    // From the file out through the device.
+    sh(&format!(
+        "dd if={pat} of={f} bs=1M seek=33554432 oflag=seek_bytes conv=notrunc,fsync status=none"
+    ));
+    let dev = Dev::add(&["loop", &f, "-q", "2"]);
+    sh(&format!(
+        "cmp -n 25165824 {pat} <(dd if={} bs=1M skip=32 count=24 iflag=direct status=none)",
+        dev.path
+    ));
+    dev.del();
+    rm(pat);
+    rm(&f);
+}
+
+fn fs_round_trip(fs: &str) {
+    let f = "/tmp/ublk-fast-it-fs.img".to_string();
+    sh(&format!("rm -f {f}; truncate -s 2G {f}"));
+    let mnt = "/tmp/ublk-fast-it-mnt";
+    sh(&format!("mkdir -p {mnt}"));
+    let dev = Dev::add(&["loop", &f, "-q", "2"]);
+    let mkfs = if fs == "ext4" { "mkfs.ext4 -q -F" } else { "mkfs.xfs -q -f" };
+    sh(&format!("{mkfs} {}", dev.path));
+    sh(&format!("mount {} {mnt}", dev.path));
+    // A tree: empty, tiny, unaligned, aligned, a few MiB, and one > 1 GiB of random data.
+    sh(&format!(
+        "cd {mnt} && mkdir -p a/b/c && : > empty && printf x > a/one && \
+         head -c 4095 /dev/urandom > a/b/odd && head -c 4096 /dev/urandom > a/b/c/page && \
+         head -c 1048583 /dev/urandom > a/meg && head -c 10M /dev/urandom > a/b/ten && \
+         for i in $(seq 1 50); do head -c $((i * 1000)) /dev/urandom > a/b/c/f$i; done && \
+         head -c 1100M /dev/urandom > big && sync"
+    ));
+    let sums = sh(&format!("cd {mnt} && find . -type f -print0 | sort -z | xargs -0 sha256sum"));
+    assert!(sums.lines().count() >= 57, "{sums}");
+    sh(&format!("umount {mnt}"));
+    let fsck = if fs == "ext4" { "fsck.ext4 -fn" } else { "xfs_repair -n" };
+    sh(&format!("{fsck} {}", dev.path));
+    assert!(dev.stat("flushes") > 0, "the filesystem sent no FLUSH");
+    assert_eq!(dev.stat("flushes"), dev.stat("backend_fsyncs"));
+    dev.del();
+    // A new device on the same backing store sees the same files.
+    let dev = Dev::add(&["loop", &f]);
+    sh(&format!("mount {} {mnt}", dev.path));
+    let again = sh(&format!("cd {mnt} && find . -type f -print0 | sort -z | xargs -0 sha256sum"));
+    assert_eq!(sums, again, "{fs}: files changed across device re-creation");
+    sh(&format!("umount {mnt}"));
+    dev.del();
+    rm(&f);
+    println!(
+        "{fs}: {} files, sha256 identical after re-creation, fsck clean",
+        sums.lines().count()
+    );
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn ext4_survives_fsck_and_device_recreation() {
+    fs_round_trip("ext4");
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn xfs_survives_repair_check_and_device_recreation() {
+    fs_round_trip("xfs");
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn flush_and_fua_reach_the_backing_store() {
+    let f = backing("durable", 32, "/dev/zero");
+    let dev = Dev::add(&["loop", &f]);
+    let (flush0, fsync0) = (dev.stat("flushes"), dev.stat("backend_fsyncs"));
+    // O_DSYNC direct writes to a block device are FUA writes.
+    for i in 0..7 {
+        sh(&format!("dd if=/dev/urandom of={} bs=4k count=1 seek={i} oflag=direct,dsync conv=notrunc status=none", dev.path));
+    }
+    assert_eq!(dev.stat("fua_writes"), 7, "the kernel did not send FUA");
+    assert_eq!(dev.stat("backend_dsync_writes"), 7, "FUA writes were not written with RWF_DSYNC");
+    // fsync on the device is a FLUSH, served with fdatasync on the backing file.
+    for _ in 0..5 {
+        sh(&format!(
+            "python3 -c 'import os; fd = os.open(\"{}\", os.O_WRONLY); os.fsync(fd)'",
+            dev.path
+        ));
+    }
+    let flushes = dev.stat("flushes") - flush0;
+    let fsyncs = dev.stat("backend_fsyncs") - fsync0;
+    println!(
+        "7 dsync writes -> 7 FUA -> 7 RWF_DSYNC; 5 fsync -> {flushes} FLUSH -> {fsyncs} fdatasync"
+    );
+    assert!(flushes >= 5, "{flushes} flushes for 5 fsyncs");
+    assert_eq!(flushes, fsyncs);
+    dev.del();
+    rm(&f);
+}
+
+fn allocated_bytes(p: &str) -> u64 {
+    sh(&format!("stat -c %b {p}")).trim().parse::<u64>().unwrap() * 512
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn discard_punches_holes_and_write_zeroes_zeroes() {
+    let f = backing("discard", 64, "/dev/urandom");
+    let dev = Dev::add(&["loop", &f]);
+    let before = allocated_bytes(&f);
+    sh(&format!("blkdiscard -o 8M -l 16M {}", dev.path));
+    let after = allocated_bytes(&f);
+    println!("allocated {before} -> {after} bytes after discarding 16 MiB");
+    assert!(before - after >= 16 << 20, "discard freed only {} bytes", before - after);
+    sh(&format!(
+        "cmp -n 16777216 /dev/zero <(dd if={} bs=1M skip=8 count=16 iflag=direct status=none)",
+        dev.path
+    ));
+    assert!(dev.stat("discards") > 0);
+    // Write zeroes (BLKZEROOUT) over random data.
+    sh(&format!("blkdiscard -z -o 40M -l 4M {}", dev.path));
+    sh(&format!(
+        "cmp -n 4194304 /dev/zero <(dd if={} bs=1M skip=40 count=4 iflag=direct status=none)",
+        dev.path
+    ));
+    assert!(dev.stat("write_zeroes") > 0);
+    // Outside the ranges the data is untouched.
+    sh(&format!("cmp -n 8388608 {f} <(dd if={} bs=1M count=8 iflag=direct status=none)", dev.path));
+    dev.del();
+    // --no-discard: the device offers no discard at all.
+    let dev = Dev::add(&["loop", &f, "--no-discard"]);
+    let o = sh_any(&format!("blkdiscard -o 0 -l 1M {}", dev.path));
+    assert!(!o.status.success(), "discard accepted with --no-discard");
+    dev.del();
+    rm(&f);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn two_devices_verify_at_once() {
+    let f1 = backing("two-a", 64, "/dev/zero");
+    let f2 = backing("two-b", 64, "/dev/zero");
+    let d1 = Dev::add(&["loop", &f1, "-q", "2"]);
+    let d2 = Dev::add(&["loop", &f2, "-q", "1"]);
+    let run = |dev: String| {
+        std::thread::spawn(move || {
+            fio(&[
+                "--name=both",
+                &format!("--filename={dev}"),
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--rw=randwrite",
+                "--bs=16k",
+                "--iodepth=32",
+                "--size=48M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ])
+        })
+    };
+    let (a, b) = (run(d1.path.clone()), run(d2.path.clone()));
+    for r in [a.join().unwrap(), b.join().unwrap()] {
+        let (ios, errs) = fio_totals(&r);
+        assert!(ios >= 2 * 3072, "{ios}");
+        assert_eq!(errs, 0);
+    }
+    d1.del();
+    d2.del();
+    rm(&f1);
+    rm(&f2);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn read_only_device_refuses_writes() {
+    let f = backing("ro", 16, "/dev/urandom");
+    let dev = Dev::add(&["loop", &f, "--read-only"]);
+    assert_eq!(sh(&format!("blockdev --getro {}", dev.path)).trim(), "1");
+    let o =
+        sh_any(&format!("dd if=/dev/zero of={} bs=4k count=1 oflag=direct status=none", dev.path));
+    assert!(!o.status.success(), "write to a read-only device succeeded");
+    sh(&format!("cmp {f} <(dd if={} bs=1M iflag=direct status=none)", dev.path));
+    assert_eq!(dev.info()["args"][1], "--read-only");
+    dev.del();
+    rm(&f);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn loop_bad_input_table() {
+    require_driver();
+    let b = bin();
+    let empty = "/tmp/ublk-fast-it-empty.img";
+    let odd = "/tmp/ublk-fast-it-odd.img";
+    sh(&format!("rm -f {empty}; touch {empty}; head -c 5000 /dev/zero > {odd}"));
+    let used = backing("used", 16, "/dev/zero");
+    let dev = Dev::add(&["loop", &used]);
+    // A file on a read-only filesystem cannot be served read-write.
+    let ro = "/tmp/ublk-fast-it-rofs";
+    sh(&format!("mkdir -p {ro} && mount -t tmpfs -o size=16M tmpfs {ro} && truncate -s 8M {ro}/f && mount -o remount,ro {ro}"));
+    let cases = [
+        (format!("{b} loop /tmp/ublk-fast-it-missing.img"), "no such file"),
+        (format!("{b} loop /tmp"), "is a directory"),
+        (format!("{b} loop {empty}"), "is empty"),
+        (format!("{b} loop {odd}"), "not a multiple of the 512-byte block size"),
+        (format!("{b} loop {odd} --block-size 4096"), "not a multiple of the 4096-byte block size"),
+        (format!("{b} loop {used}"), "already in use by another ublk-fast device"),
+        (format!("{b} loop {used} --block-size 3000"), "must be 512, 1024, 2048 or 4096"),
+        (format!("{b} loop {ro}/f"), "read-only filesystem: add --read-only"),
+        (
+            format!("setpriv --reuid=65534 --regid=65534 --clear-groups {b} loop {used}"),
+            "must run as root",
+        ),
+    ];
+    for (cmd, expect) in &cases {
+        check_refused(cmd, expect);
+    }
+    // Read-only on the read-only filesystem works.
+    let rodev = Dev::add(&["loop", &format!("{ro}/f"), "--read-only"]);
+    rodev.del();
+    sh(&format!("umount {ro}"));
+    dev.del();
+    // A filesystem that refuses O_DIRECT (virtiofs here) gets the --buffered hint.
+    let vfs = format!("{}/ublk-fast-it-odirect.img", env!("CARGO_TARGET_TMPDIR"));
+    sh(&format!("truncate -s 8M {vfs}"));
+    let o = ublk(&["loop", &vfs]);
+    if o.status.success() {
+        println!("SKIP O_DIRECT refusal: {vfs}'s filesystem accepts O_DIRECT");
+        let _ = ublk(&["del", "--all"]);
+    } else {
+        check_refused(&format!("{b} loop {vfs}"), "--buffered");
+        let d = Dev::add(&["loop", &vfs, "--buffered"]);
+        d.del();
+    }
+    rm(&vfs);
+    for p in [empty, odd, used.as_str()] {
+        rm(p);
+    }
+    assert!(Path::new("/dev/ublk-control").exists());
+}

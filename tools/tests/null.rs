@@ -1,0 +1,154 @@
+//! The null target against the real driver: size, zeros, fio, list, del, foreground.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn null_device_has_its_size_and_reads_zeros() {
+    let dev = Dev::add(&["null", "--size", "1G", "-q", "1"]);
+    assert_eq!(sh(&format!("blockdev --getsize64 {}", dev.path)).trim(), "1073741824");
+    // Dirty the tag buffers with a write first: null reads must still return zeros.
+    sh(&format!("head -c 4M /dev/urandom | dd of={} bs=1M oflag=direct status=none", dev.path));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev.path)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
+    // SAFETY: non-zero layout; freed below.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    // SAFETY: p points at 1 MiB we own.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, 1 << 20) };
+    buf.fill(0xa5);
+    let mut total = 0;
+    for _ in 0..8 {
+        let n = f.read(buf).unwrap();
+        assert_eq!(n, 1 << 20);
+        assert!(buf.iter().all(|&b| b == 0), "null read returned non-zero bytes");
+        total += n;
+    }
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(p, layout) };
+    assert_eq!(total, 8 << 20);
+    drop(f);
+    dev.del();
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn fio_on_null_with_one_and_two_queues() {
+    for q in ["1", "2"] {
+        let dev = Dev::add(&["null", "--size", "1G", "-q", q]);
+        let r = fio(&[
+            "--name=null",
+            &format!("--filename={}", dev.path),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=32",
+            "--numjobs=2",
+            "--runtime=3",
+            "--time_based",
+            "--group_reporting",
+        ]);
+        let (ios, errs) = fio_totals(&r);
+        println!("queues={q}: {ios} I/Os in 3 s");
+        assert!(ios > 1000, "too few I/Os: {ios}");
+        assert_eq!(errs, 0);
+        assert!(dev.stat("reads") > 0 && dev.stat("writes") > 0);
+        assert_eq!(dev.stat("io_errors"), 0);
+        dev.del();
+    }
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn list_json_reports_the_device() {
+    let dev = Dev::add(&["null", "--size", "512M", "-q", "2", "-d", "64", "-n", "5"]);
+    assert_eq!(dev.id, 5);
+    let v = dev.info();
+    assert_eq!(v["id"], 5);
+    assert_eq!(v["block_device"], "/dev/ublkb5");
+    assert_eq!(v["char_device"], "/dev/ublkc5");
+    assert_eq!(v["state"], "LIVE");
+    assert_eq!(v["queues"], 2);
+    assert_eq!(v["depth"], 64);
+    assert_eq!(v["block_size"], 512);
+    assert_eq!(v["size_bytes"], 512u64 << 20);
+    assert_eq!(v["target"], "null");
+    assert_eq!(v["args"][0], "--size=536870912");
+    let flags: Vec<&str> =
+        v["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(flags.contains(&"CMD_IOCTL_ENCODE"), "{flags:?}");
+    let pid = v["pid"].as_i64().unwrap();
+    assert!(daemons().contains(&(pid as i32)), "pid {pid} is not a running ublk-fast");
+    // The table form names the same device.
+    let table = stdout(&ublk(&["list"]));
+    assert!(
+        table.lines().any(|l| l.starts_with("5 ") && l.contains("LIVE") && l.contains("null")),
+        "{table}"
+    );
+    dev.del();
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn del_removes_device_and_daemon() {
+    let dev = Dev::add(&["null", "--size", "64M"]);
+    let pid = dev.info()["pid"].as_i64().unwrap() as i32;
+    let path = dev.path.clone();
+    let id = dev.id;
+    dev.del();
+    assert!(!std::path::Path::new(&path).exists());
+    assert!(!dev_ids().contains(&id));
+    assert!(!daemons().contains(&pid), "daemon {pid} survived del");
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn foreground_serves_until_sigterm_then_removes_the_device() {
+    require_driver();
+    let before = dev_ids();
+    let mut child = Command::new(bin())
+        .args(["null", "--size", "128M", "--foreground"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let path = line.trim().to_string();
+    assert!(path.starts_with("/dev/ublkb"), "foreground printed {path:?}");
+    // It really serves: read through it.
+    sh(&format!("dd if={path} of=/dev/null bs=64k count=16 iflag=direct status=none"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "foreground exited {status}: {err}");
+    assert!(wait_gone(&path), "{path} left behind");
+    assert_eq!(dev_ids(), before);
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn del_while_the_device_is_open_does_not_hang() {
+    let mut dev = Dev::add(&["null", "--size", "64M"]);
+    let f = std::fs::File::open(&dev.path).unwrap();
+    let t = std::time::Instant::now();
+    let o = ublk(&["del", "-n", &dev.id.to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(t.elapsed() < std::time::Duration::from_secs(15), "del took {:?}", t.elapsed());
+    drop(f);
+    assert!(wait_gone(&dev.path), "{} still there after its last opener closed", dev.path);
+    assert!(wait_gone(&format!("/sys/class/ublk-char/ublkc{}", dev.id)));
+    dev.id = u32::MAX; // already deleted
+}
