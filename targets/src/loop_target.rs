@@ -373,6 +373,7 @@ impl QueueHandler for LoopQueue {
             }
             UBLK_IO_OP_FLUSH => {
                 let sqe = opcode::Fsync::new(BACKING).flags(types::FsyncFlags::DATASYNC).build();
+                QueueStats::bump(&io.stats().backend_fsyncs, 1);
                 // SAFETY: fsync references no memory.
                 unsafe { io.push(req, sub::FLUSH, sqe) };
                 Flow::Pending
