@@ -94,6 +94,14 @@ fn probe_direct_read(f: &File, len: usize) -> io::Result<()> {
 impl LoopTarget {
     /// Opens and checks the backing store; every refusal is one line naming the fix.
     pub fn open(path: &Path, opts: &LoopOptions) -> Result<Self> {
+        if let Some(bs) = opts.block_size {
+            if !bs.is_power_of_two() || !(512..=4096).contains(&bs) {
+                return Err(invalid(
+                    path,
+                    format!("--block-size {bs}: must be 512, 1024, 2048 or 4096"),
+                ));
+            }
+        }
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => invalid(path, "no such file or block device"),
             io::ErrorKind::PermissionDenied => invalid(path, "permission denied"),
@@ -153,12 +161,6 @@ impl LoopTarget {
             (meta.len(), 512, 4096)
         };
         if let Some(bs) = opts.block_size {
-            if !bs.is_power_of_two() || !(512..=4096).contains(&bs) {
-                return Err(invalid(
-                    path,
-                    format!("--block-size {bs}: must be 512, 1024, 2048 or 4096"),
-                ));
-            }
             if bs < logical {
                 return Err(invalid(
                     path,

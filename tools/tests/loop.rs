@@ -135,6 +135,7 @@ fn fs_round_trip(fs: &str) {
     sh(&format!("mkdir -p {mnt}"));
     let dev = Dev::add(&["loop", &f, "-q", "2", "--block-size", bs]);
     assert_eq!(sh(&format!("blockdev --getss {}", dev.path)).trim(), bs);
+    let _ = sh_any(&format!("modprobe {fs}"));
     let mkfs = if fs == "ext4" { "mkfs.ext4 -q -F" } else { "mkfs.xfs -q -f" };
     sh(&format!("{mkfs} {}", dev.path));
     sh(&format!("mount {} {mnt}", dev.path));
