@@ -14,7 +14,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use crate::buf::IoBufs;
 use crate::ctrl::ring_setup_error;
 use crate::error::{Error, Result};
-use crate::stats::{QueueStats, StatsRegion};
+use crate::stats::{op_index, QueueStats, StatsRegion};
 use crate::tag::{Kind, Tag, TagState, UserData};
 use crate::target::{Flow, QueueHandler, Request, Submit};
 use crate::uapi::*;
@@ -133,6 +133,7 @@ impl Submit for Sq<'_> {
         t.issue();
         *self.backend_inflight += 1;
         let ud = UserData { tag: req.tag, kind: Kind::Target, sub, gen: t.gen };
+        QueueStats::bump(&self.stats.sqes, 1);
         // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
         unsafe { push_sqe(self.ring, &sqe.user_data(ud.encode())) };
     }
@@ -142,7 +143,7 @@ impl Submit for Sq<'_> {
     }
 }
 
-/// Counts a delivered request by op.
+/// Counts a committed request by op.
 fn count_request(s: &QueueStats, d: &ublksrv_io_desc) {
     let bytes = u64::from(d.nr_sectors) * 512;
     match d.op() {
@@ -162,7 +163,6 @@ fn count_request(s: &QueueStats, d: &ublksrv_io_desc) {
         UBLK_IO_OP_WRITE_ZEROES => QueueStats::bump(&s.write_zeroes, 1),
         _ => {}
     }
-    QueueStats::bump(&s.io_now, 1);
 }
 
 /// How the queue ended.
@@ -188,6 +188,17 @@ pub struct Queue {
     stopping: bool,
     stop_buf: u64,
     requests: u64,
+    /// When each tag's current request was delivered (ns, CLOCK_MONOTONIC).
+    start_ns: Vec<u64>,
+    /// The clock, read once per loop iteration: all completions of a batch share it.
+    now_ns: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the local timespec (a vDSO call, no syscall).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Queue {
@@ -229,12 +240,15 @@ impl Queue {
             stopping: false,
             stop_buf: 0,
             requests: 0,
+            start_ns: vec![0; usize::from(depth)],
+            now_ns: monotonic_ns(),
         })
     }
 
     fn push_ublk(&mut self, tag: u16, op: u32, result: i32) {
         let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr: self.bufs.ptr(tag) as u64 };
         let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
+        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
         let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
             .cmd(cmd.to_bytes())
             .build()
@@ -270,7 +284,8 @@ impl Queue {
                 let _ = self.ring.submit();
                 break;
             }
-            QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).ring_enters, 1);
+            let stats = self.cfg.stats.queue(self.cfg.q);
+            QueueStats::bump(&stats.ring_enters, 1);
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e)
@@ -280,6 +295,11 @@ impl Queue {
                     ) => {}
                 Err(e) => return Err(Error::os("io_uring_enter", e).queue(self.cfg.q)),
             }
+            let now = monotonic_ns();
+            if stats.io_now.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                QueueStats::bump(&stats.io_time_ns, now.saturating_sub(self.now_ns));
+            }
+            self.now_ns = now;
             self.drain();
         }
         let aborted = self.tags.iter().filter(|t| t.state == TagState::Done).count();
@@ -320,11 +340,12 @@ impl Queue {
                 if res == UBLK_IO_RES_OK {
                     t.deliver();
                     self.requests += 1;
+                    self.start_ns[usize::from(tag)] = self.now_ns;
                     let req = &mut self.reqs[usize::from(tag)];
                     req.desc = self.desc.read(tag);
                     let req = *req;
                     let stats = self.cfg.stats.queue(self.cfg.q);
-                    count_request(stats, &req.desc);
+                    QueueStats::bump(&stats.io_now, 1);
                     let mut sq = Sq {
                         ring: &mut self.ring,
                         tags: &mut self.tags,
@@ -383,8 +404,13 @@ impl Queue {
         t.commit();
         let stats = self.cfg.stats.queue(self.cfg.q);
         QueueStats::drop_one(&stats.io_now);
+        count_request(stats, &self.reqs[usize::from(tag)].desc);
         if res < 0 {
             QueueStats::bump(&stats.io_errors, 1);
+        }
+        if let Some(i) = op_index(self.reqs[usize::from(tag)].desc.op()) {
+            let ns = self.now_ns.saturating_sub(self.start_ns[usize::from(tag)]);
+            stats.lat[i].record(ns, res < 0);
         }
         self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
     }

@@ -11,6 +11,76 @@ use memmap2::{MmapMut, MmapOptions};
 
 use crate::error::{Error, Result};
 
+/// Latency histogram bucket upper bounds in ns: 1-2.5-5 steps from 1 µs to 10 s.
+pub const LAT_BOUNDS_NS: [u64; 22] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+const NB: usize = LAT_BOUNDS_NS.len();
+
+/// The ops with their own latency histogram and error counter, in index order.
+pub const OP_NAMES: [&str; 5] = ["read", "write", "flush", "discard", "write_zeroes"];
+
+/// Index into [`OP_NAMES`] of a ublk op, if it has one.
+pub fn op_index(op: u8) -> Option<usize> {
+    use crate::uapi::*;
+    match op {
+        UBLK_IO_OP_READ => Some(0),
+        UBLK_IO_OP_WRITE => Some(1),
+        UBLK_IO_OP_FLUSH => Some(2),
+        UBLK_IO_OP_DISCARD => Some(3),
+        UBLK_IO_OP_WRITE_ZEROES => Some(4),
+        _ => None,
+    }
+}
+
+/// One op's latency histogram (non-cumulative buckets; readers accumulate) and errors.
+#[repr(C)]
+#[derive(Default, Debug)]
+pub struct OpLatency {
+    pub buckets: [AtomicU64; NB],
+    /// Above the last bound.
+    pub overflow: AtomicU64,
+    pub sum_ns: AtomicU64,
+    pub count: AtomicU64,
+    pub errors: AtomicU64,
+}
+const OP_WORDS: usize = NB + 4;
+
+impl OpLatency {
+    /// Records one completion: a bounded search over 22 bounds, loads and Relaxed stores.
+    #[inline]
+    pub fn record(&self, ns: u64, failed: bool) {
+        let i = LAT_BOUNDS_NS.partition_point(|&b| b < ns);
+        QueueStats::bump(if i < NB { &self.buckets[i] } else { &self.overflow }, 1);
+        QueueStats::bump(&self.sum_ns, ns);
+        QueueStats::bump(&self.count, 1);
+        if failed {
+            QueueStats::bump(&self.errors, 1);
+        }
+    }
+}
+
 /// One queue's counters. Field order is the file format: see [`COUNTER_NAMES`].
 #[repr(C, align(128))]
 #[derive(Default, Debug)]
@@ -34,11 +104,17 @@ pub struct QueueStats {
     pub ring_enters: AtomicU64,
     /// Requests in flight (delivered, not yet committed).
     pub io_now: AtomicU64,
-    reserved: [AtomicU64; 3],
+    /// SQEs queued on the ring (ublk commands and backend operations).
+    pub sqes: AtomicU64,
+    /// Time with at least one request in flight, measured per loop iteration.
+    pub io_time_ns: AtomicU64,
+    reserved: AtomicU64,
+    /// Per-op latency from the request's delivery to its commit, and errors.
+    pub lat: [OpLatency; 5],
 }
 
-/// Names of the counters in file order (the reserved tail is not listed).
-pub const COUNTER_NAMES: [&str; 13] = [
+/// Names of the plain counters in file order.
+pub const COUNTER_NAMES: [&str; 15] = [
     "reads",
     "writes",
     "flushes",
@@ -52,7 +128,47 @@ pub const COUNTER_NAMES: [&str; 13] = [
     "backend_dsync_writes",
     "ring_enters",
     "io_now",
+    "sqes",
+    "io_time_ns",
 ];
+const COUNTER_WORDS: usize = 16;
+
+/// A point-in-time copy of one queue's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub counters: [u64; 15],
+    pub ops: [OpSnapshot; 5],
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpSnapshot {
+    pub buckets: [u64; NB],
+    pub overflow: u64,
+    pub sum_ns: u64,
+    pub count: u64,
+    pub errors: u64,
+}
+
+impl QueueSnapshot {
+    pub fn counter(&self, name: &str) -> u64 {
+        COUNTER_NAMES.iter().position(|n| *n == name).map_or(0, |i| self.counters[i])
+    }
+
+    /// From the queue block's words, in file order.
+    fn from_words(w: &[u64]) -> Self {
+        let mut s = QueueSnapshot::default();
+        s.counters.copy_from_slice(&w[..15]);
+        for (o, op) in s.ops.iter_mut().enumerate() {
+            let b = COUNTER_WORDS + o * OP_WORDS;
+            op.buckets.copy_from_slice(&w[b..b + NB]);
+            op.overflow = w[b + NB];
+            op.sum_ns = w[b + NB + 1];
+            op.count = w[b + NB + 2];
+            op.errors = w[b + NB + 3];
+        }
+        s
+    }
+}
 
 const BLOCK: usize = std::mem::size_of::<QueueStats>();
 const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST1");
@@ -118,8 +234,28 @@ impl StatsRegion {
         unsafe { &*(p as *const QueueStats) }
     }
 
-    /// Reads a stats file written by a daemon: one row of counters per queue.
-    pub fn read_file(path: &Path) -> Option<Vec<[u64; 13]>> {
+    pub fn queues(&self) -> u16 {
+        self.queues
+    }
+
+    /// Snapshots every queue (atomic loads: the queues keep writing meanwhile).
+    pub fn snapshot(&self) -> Vec<QueueSnapshot> {
+        (0..self.queues)
+            .map(|q| {
+                let p = self.queue(q) as *const QueueStats as *const AtomicU64;
+                let words: Vec<u64> = (0..BLOCK / 8)
+                    // SAFETY: QueueStats is repr(C) and made only of AtomicU64s (plus padding
+                    // to BLOCK, zero-initialised mapping memory), so it is BLOCK/8 consecutive
+                    // AtomicU64 inside the mapping.
+                    .map(|i| unsafe { &*p.add(i) }.load(Relaxed))
+                    .collect();
+                QueueSnapshot::from_words(&words)
+            })
+            .collect()
+    }
+
+    /// Reads a stats file written by a daemon: one snapshot per queue.
+    pub fn read_file(path: &Path) -> Option<Vec<QueueSnapshot>> {
         let data = std::fs::read(path).ok()?;
         if data.len() < BLOCK || u64::from_le_bytes(data[..8].try_into().ok()?) != MAGIC {
             return None;
@@ -131,10 +267,11 @@ impl StatsRegion {
         let rows = (0..queues)
             .map(|q| {
                 let base = BLOCK * (1 + q);
-                std::array::from_fn(|i| {
-                    let o = base + 8 * i;
-                    u64::from_ne_bytes(data[o..o + 8].try_into().expect("8 bytes"))
-                })
+                let words: Vec<u64> = data[base..base + BLOCK]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                QueueSnapshot::from_words(&words)
             })
             .collect();
         Some(rows)
@@ -148,7 +285,11 @@ mod tests {
 
     #[test]
     fn layout_matches_the_names() {
-        assert_eq!(BLOCK, 128);
+        assert_eq!(BLOCK % 128, 0);
+        assert_eq!(offset_of!(QueueStats, lat), COUNTER_WORDS * 8);
+        assert_eq!(std::mem::size_of::<OpLatency>(), OP_WORDS * 8);
+        const { assert!(BLOCK >= (COUNTER_WORDS + 5 * OP_WORDS) * 8) };
+        assert_eq!(offset_of!(QueueStats, io_time_ns), 14 * 8);
         assert_eq!(offset_of!(QueueStats, reads), 0);
         assert_eq!(offset_of!(QueueStats, fua_writes), 7 * 8);
         assert_eq!(offset_of!(QueueStats, backend_fsyncs), 9 * 8);
@@ -164,11 +305,38 @@ mod tests {
         QueueStats::bump(&r.queue(1).backend_fsyncs, 5);
         QueueStats::bump(&r.queue(1).io_now, 2);
         QueueStats::drop_one(&r.queue(1).io_now);
+        r.queue(1).lat[1].record(3_000, false);
+        r.queue(1).lat[1].record(20_000_000_000, true);
         let rows = StatsRegion::read_file(&p).unwrap();
+        assert_eq!(rows, r.snapshot());
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0][0], 3);
-        assert_eq!(rows[1][9], 5);
-        assert_eq!(rows[1][12], 1);
+        assert_eq!(rows[0].counter("reads"), 3);
+        assert_eq!(rows[1].counter("backend_fsyncs"), 5);
+        assert_eq!(rows[1].counter("io_now"), 1);
+        let w = &rows[1].ops[1];
+        assert_eq!((w.buckets[2], w.overflow, w.count, w.errors), (1, 1, 2, 1));
+        assert_eq!(w.sum_ns, 20_000_003_000);
         let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_upper_bounds() {
+        let h = OpLatency::default();
+        for ns in [0, 1_000, 1_001, 10_000_000_000, 10_000_000_001] {
+            h.record(ns, false);
+        }
+        let b: Vec<u64> = h.buckets.iter().map(|c| c.load(Relaxed)).collect();
+        assert_eq!(b[0], 2, "0 and 1000 ns are <= 1 µs");
+        assert_eq!(b[1], 1);
+        assert_eq!(b[NB - 1], 1);
+        assert_eq!(h.overflow.load(Relaxed), 1);
+        assert!(LAT_BOUNDS_NS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(op_index(crate::uapi::UBLK_IO_OP_WRITE_ZEROES), Some(4));
+        assert_eq!(op_index(crate::uapi::UBLK_IO_OP_ZONE_OPEN), None);
     }
 }

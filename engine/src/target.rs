@@ -83,6 +83,10 @@ pub trait Target: Send + Sync {
     /// The target's arguments, for `list`.
     fn args(&self) -> Vec<String>;
     fn params(&self) -> TargetParams;
+    /// The backing store's path, if the target has one (for labels and `list`).
+    fn backing(&self) -> Option<String> {
+        None
+    }
     /// Backing files, registered on every queue ring at fixed indexes 1.. (0 is `/dev/ublkcN`).
     fn files(&self) -> Vec<RawFd> {
         Vec::new()

@@ -265,6 +265,10 @@ impl Target for LoopTarget {
         a
     }
 
+    fn backing(&self) -> Option<String> {
+        Some(self.path.display().to_string())
+    }
+
     fn params(&self) -> TargetParams {
         let mut attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA;
         if self.opts.read_only {

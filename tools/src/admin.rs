@@ -38,7 +38,7 @@ fn stats(id: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
         COUNTER_NAMES
             .iter()
             .enumerate()
-            .map(|(i, n)| (*n, rows.iter().map(|r| r[i]).fold(0u64, u64::wrapping_add)))
+            .map(|(i, n)| (*n, rows.iter().map(|r| r.counters[i]).fold(0u64, u64::wrapping_add)))
             .collect(),
     )
 }

@@ -66,6 +66,9 @@ pub struct AddOpts {
     /// Serve in the foreground until SIGINT/SIGTERM, then delete the device
     #[arg(long)]
     pub foreground: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9633)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
 }
 
 impl AddOpts {
@@ -75,6 +78,7 @@ impl AddOpts {
             && self.depth.is_none()
             && self.id.is_none()
             && !self.foreground
+            && self.metrics.is_none()
     }
 
     /// `self` with any option `other` sets laid over it.
@@ -84,6 +88,7 @@ impl AddOpts {
         self.depth = other.depth.or(self.depth);
         self.id = other.id.or(self.id);
         self.foreground |= other.foreground;
+        self.metrics = other.metrics.or(self.metrics);
         self
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use ublk_fast_engine::ctrl::Control;
 use ublk_fast_engine::device::{Device, DeviceConfig};
 use ublk_fast_engine::target::Target;
 
+use crate::metrics::DeviceMeta;
 use crate::record::{self, Record};
 use crate::CliError;
 
@@ -90,6 +92,7 @@ fn detach_stdio() {
 fn serve(
     cfg: &DeviceConfig,
     target: Arc<dyn Target>,
+    metrics: Option<TcpListener>,
     mut pipe: Option<File>,
 ) -> Result<(), CliError> {
     block_signals();
@@ -117,6 +120,18 @@ fn serve(
     if let Err(e) = rec.save() {
         eprintln!("ublk-fast: warning: cannot write {}: {e}", record::path(id).display());
     }
+    if let (Some(l), Some(stats)) = (metrics, dev.stats.clone()) {
+        let meta = DeviceMeta {
+            device: format!("ublkb{id}"),
+            target: target.name().to_string(),
+            backing: target.backing().unwrap_or_default(),
+            queues: cfg.queues,
+            depth: cfg.depth,
+            zero_copy: "off",
+            stats,
+        };
+        crate::metrics::spawn(l, vec![meta]);
+    }
     if pipe.is_some() {
         report(&mut pipe, Report::Live(id));
         detach_stdio();
@@ -140,12 +155,20 @@ fn serve(
     }
 }
 
-pub fn run_foreground(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<(), CliError> {
-    serve(cfg, target, None)
+pub fn run_foreground(
+    cfg: &DeviceConfig,
+    target: Arc<dyn Target>,
+    metrics: Option<TcpListener>,
+) -> Result<(), CliError> {
+    serve(cfg, target, metrics, None)
 }
 
 /// Forks a daemon that creates and serves the device; returns once it is LIVE or failed.
-pub fn run_background(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<(), CliError> {
+pub fn run_background(
+    cfg: &DeviceConfig,
+    target: Arc<dyn Target>,
+    metrics: Option<TcpListener>,
+) -> Result<(), CliError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -166,7 +189,7 @@ pub fn run_background(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<(),
             libc::setsid();
             File::from_raw_fd(fds[1])
         };
-        let code = match serve(cfg, target, Some(pipe)) {
+        let code = match serve(cfg, target, metrics, Some(pipe)) {
             Ok(()) => 0,
             Err(e) => e.code,
         };
@@ -178,6 +201,7 @@ pub fn run_background(cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<(),
         File::from_raw_fd(fds[0])
     };
     drop(target);
+    drop(metrics);
     let (mut added, mut live, mut failed) = (None, None, None);
     for line in BufReader::new(rd).lines().map_while(Result::ok) {
         match line.split_once(' ') {

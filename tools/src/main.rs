@@ -3,6 +3,7 @@
 mod admin;
 mod cli;
 mod daemon;
+mod metrics;
 mod record;
 mod size;
 
@@ -115,6 +116,7 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
     };
     let queues = opts.queues.unwrap_or(cpus.len().min(4096) as u16);
     let depth = opts.depth.unwrap_or(128);
+    let metrics = opts.metrics.as_deref().map(metrics::bind).transpose()?;
     let target = build_target(&target)?;
     let cfg = DeviceConfig {
         dev_id: opts.id,
@@ -125,16 +127,16 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
         stats_dir: Some(record::run_dir()),
     };
     if opts.foreground {
-        daemon::run_foreground(&cfg, target)
+        daemon::run_foreground(&cfg, target, metrics)
     } else {
-        daemon::run_background(&cfg, target)
+        daemon::run_background(&cfg, target, metrics)
     }
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let only_for_add = |cmd: &str| {
         CliError::usage(format!(
-            "--cpus/--queues/--depth/--id/--foreground create devices; they do not apply to `{cmd}`"
+            "--cpus/--queues/--depth/--id/--foreground/--metrics create devices; they do not apply to `{cmd}`"
         ))
     };
     match cli.cmd {

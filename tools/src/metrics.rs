@@ -1,0 +1,254 @@
+//! `--metrics ADDR:PORT`: Prometheus text exposition of the daemon's counters, served by its own
+//! thread. The queues never see it: it reads their counter blocks (`StatsRegion::snapshot`),
+//! sums nothing on their behalf and allocates only while rendering a scrape.
+//!
+//! Names mirror node_exporter's diskstats under `ublk_fast_`. The same values are handed to the
+//! `metrics` facade at each scrape (absolute counters, gauges), so a program embedding the
+//! engine with its own recorder sees them too; per-I/O samples never go through the facade.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ublk_fast_engine::stats::{QueueSnapshot, StatsRegion, LAT_BOUNDS_NS, OP_NAMES};
+
+use crate::CliError;
+
+/// What the exporter says about one device.
+pub struct DeviceMeta {
+    /// `ublkb0`
+    pub device: String,
+    pub target: String,
+    pub backing: String,
+    pub queues: u16,
+    pub depth: u16,
+    pub zero_copy: &'static str,
+    pub stats: Arc<StatsRegion>,
+}
+
+/// Parses and binds `ADDR:PORT` now, so a bad or busy address fails before any device exists.
+pub fn bind(addr: &str) -> Result<TcpListener, CliError> {
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        CliError::usage(format!("--metrics {addr}: not an ADDR:PORT (e.g. 127.0.0.1:9633)"))
+    })?;
+    TcpListener::bind(sa).map_err(|e| {
+        CliError::runtime(format!("--metrics {addr}: cannot listen: {e} (pick a free port)"))
+    })
+}
+
+/// The plain counters: (metric name, HELP, type, counter name in the stats block, scale).
+const COUNTERS: &[(&str, &str, &str, &str, f64)] = &[
+    ("reads_completed_total", "Read requests completed.", "counter", "reads", 1.0),
+    ("writes_completed_total", "Write requests completed.", "counter", "writes", 1.0),
+    ("read_bytes_total", "Bytes read.", "counter", "read_bytes", 1.0),
+    ("written_bytes_total", "Bytes written.", "counter", "written_bytes", 1.0),
+    ("flush_requests_total", "Flush requests completed.", "counter", "flushes", 1.0),
+    ("discards_completed_total", "Discard requests completed.", "counter", "discards", 1.0),
+    (
+        "write_zeroes_completed_total",
+        "Write-zeroes requests completed.",
+        "counter",
+        "write_zeroes",
+        1.0,
+    ),
+    ("fua_writes_total", "Writes with FUA (force unit access).", "counter", "fua_writes", 1.0),
+    ("io_now", "Requests in flight.", "gauge", "io_now", 1.0),
+    (
+        "io_time_seconds_total",
+        "Seconds with at least one request in flight.",
+        "counter",
+        "io_time_ns",
+        1e-9,
+    ),
+    (
+        "ring_submits_total",
+        "io_uring_enter calls by the queue loop.",
+        "counter",
+        "ring_enters",
+        1.0,
+    ),
+    ("sqes_submitted_total", "SQEs queued on the queue ring.", "counter", "sqes", 1.0),
+    (
+        "backend_fsyncs_total",
+        "fdatasync operations issued to the backing store.",
+        "counter",
+        "backend_fsyncs",
+        1.0,
+    ),
+    (
+        "backend_dsync_writes_total",
+        "Writes issued to the backing store with RWF_DSYNC.",
+        "counter",
+        "backend_dsync_writes",
+        1.0,
+    ),
+];
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders every device's metrics in the Prometheus text format (0.0.4).
+pub fn render(devs: &[DeviceMeta]) -> String {
+    let snaps: Vec<Vec<QueueSnapshot>> = devs.iter().map(|d| d.stats.snapshot()).collect();
+    let mut out = String::with_capacity(16 * 1024);
+    for &(name, help, kind, key, scale) in COUNTERS {
+        let _ = writeln!(out, "# HELP ublk_fast_{name} {help}\n# TYPE ublk_fast_{name} {kind}");
+        for (d, snap) in devs.iter().zip(&snaps) {
+            for (q, s) in snap.iter().enumerate() {
+                let v = s.counter(key) as f64 * scale;
+                let _ =
+                    writeln!(out, "ublk_fast_{name}{{device=\"{}\",queue=\"{q}\"}} {v}", d.device);
+                let labels = [("device", d.device.clone()), ("queue", q.to_string())];
+                if kind == "gauge" {
+                    metrics::gauge!(format!("ublk_fast_{name}"), &labels).set(v);
+                } else {
+                    metrics::counter!(format!("ublk_fast_{name}"), &labels).absolute(v as u64);
+                }
+            }
+        }
+    }
+    let name = "ublk_fast_io_errors_total";
+    let _ = writeln!(out, "# HELP {name} Requests completed with an error, by op.");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (d, snap) in devs.iter().zip(&snaps) {
+        for (q, s) in snap.iter().enumerate() {
+            for (o, op) in OP_NAMES.iter().enumerate() {
+                let v = s.ops[o].errors;
+                let _ = writeln!(
+                    out,
+                    "{name}{{device=\"{}\",queue=\"{q}\",op=\"{op}\"}} {v}",
+                    d.device
+                );
+            }
+        }
+    }
+    let name = "ublk_fast_io_latency_seconds";
+    let _ = writeln!(out, "# HELP {name} Time from a request's delivery to its commit, by op.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (d, snap) in devs.iter().zip(&snaps) {
+        for (q, s) in snap.iter().enumerate() {
+            for (o, op) in OP_NAMES.iter().enumerate() {
+                let h = &s.ops[o];
+                let l = format!("device=\"{}\",queue=\"{q}\",op=\"{op}\"", d.device);
+                let mut cum = 0;
+                for (b, bound) in LAT_BOUNDS_NS.iter().enumerate() {
+                    cum += h.buckets[b];
+                    let le = *bound as f64 / 1e9;
+                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"{le}\"}} {cum}");
+                }
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", cum + h.overflow);
+                let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum_ns as f64 / 1e9);
+                let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
+            }
+        }
+    }
+    let name = "ublk_fast_device_info";
+    let _ = writeln!(out, "# HELP {name} The device's configuration; the value is always 1.");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for d in devs {
+        let _ = writeln!(
+            out,
+            "{name}{{device=\"{}\",target=\"{}\",backing=\"{}\",queues=\"{}\",depth=\"{}\",zero_copy=\"{}\"}} 1",
+            d.device,
+            esc(&d.target),
+            esc(&d.backing),
+            d.queues,
+            d.depth,
+            d.zero_copy
+        );
+    }
+    out
+}
+
+fn handle(mut s: TcpStream, devs: &[DeviceMeta]) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut req = [0u8; 4096];
+    let mut n = 0;
+    while n < req.len() {
+        match s.read(&mut req[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+        if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&req[..n]);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let get = line.starts_with("GET ");
+    let (status, body, ctype) = if get && (path == "/metrics" || path.starts_with("/metrics?")) {
+        ("200 OK", render(devs), "text/plain; version=0.0.4; charset=utf-8")
+    } else {
+        ("404 Not Found", "try /metrics\n".to_string(), "text/plain")
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Serves `/metrics` on its own thread until the process exits.
+pub fn spawn(listener: TcpListener, devs: Vec<DeviceMeta>) {
+    let _ = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            handle(conn, &devs);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ublk_fast_engine::stats::QueueStats;
+
+    #[test]
+    fn renders_counters_histograms_and_info() {
+        let stats = Arc::new(StatsRegion::create(None, 2).unwrap());
+        QueueStats::bump(&stats.queue(1).written_bytes, 8192);
+        stats.queue(0).lat[1].record(3_000, false);
+        stats.queue(0).lat[1].record(7_000, true);
+        let d = DeviceMeta {
+            device: "ublkb3".into(),
+            target: "loop".into(),
+            backing: "/x \"y\"".into(),
+            queues: 2,
+            depth: 64,
+            zero_copy: "off",
+            stats,
+        };
+        let t = render(&[d]);
+        assert!(t.contains("ublk_fast_written_bytes_total{device=\"ublkb3\",queue=\"1\"} 8192\n"));
+        let w = "ublk_fast_io_latency_seconds_bucket{device=\"ublkb3\",queue=\"0\",op=\"write\"";
+        assert!(t.contains(&format!("{w},le=\"0.0000025\"}} 0\n")), "{t}");
+        assert!(t.contains(&format!("{w},le=\"0.000005\"}} 1\n")));
+        assert!(t.contains(&format!("{w},le=\"0.00001\"}} 2\n")));
+        assert!(t.contains(&format!("{w},le=\"+Inf\"}} 2\n")));
+        assert!(t.contains(
+            "ublk_fast_io_latency_seconds_count{device=\"ublkb3\",queue=\"0\",op=\"write\"} 2\n"
+        ));
+        assert!(
+            t.contains("ublk_fast_io_errors_total{device=\"ublkb3\",queue=\"0\",op=\"write\"} 1\n")
+        );
+        assert!(t.contains("backing=\"/x \\\"y\\\"\""));
+        // Every family has HELP and TYPE, and every sample line belongs to a declared family.
+        let families: Vec<&str> =
+            t.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        assert_eq!(families.len(), COUNTERS.len() + 3);
+        for l in t.lines().filter(|l| !l.starts_with('#')) {
+            assert!(families.iter().any(|f| l.starts_with(f)), "undeclared sample {l}");
+        }
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        assert!(bind("nonsense").unwrap_err().msg.contains("not an ADDR:PORT"));
+        let l = bind("127.0.0.1:0").unwrap();
+        let taken = l.local_addr().unwrap().to_string();
+        assert!(bind(&taken).unwrap_err().msg.contains("cannot listen"));
+    }
+}
