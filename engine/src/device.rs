@@ -32,6 +32,36 @@ pub struct DeviceConfig {
     pub max_io_bytes: u32,
     /// Where to publish the counters (`<dir>/<id>.stats`); `None` keeps them private.
     pub stats_dir: Option<PathBuf>,
+    pub zero_copy: ZeroCopy,
+}
+
+/// `--zero-copy`: serve requests from their own pages (UBLK_F_AUTO_BUF_REG, Linux 6.16+).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// On when the driver offers it and the target can use it.
+    #[default]
+    Auto,
+    /// On, or an error if it cannot be.
+    On,
+    Off,
+}
+
+impl ZeroCopy {
+    /// Decides from the driver's features and the target's ability.
+    pub fn resolve(self, features: u64, target_can: bool) -> Result<bool> {
+        let offered = features & UBLK_F_AUTO_BUF_REG != 0;
+        match self {
+            ZeroCopy::Off => Ok(false),
+            ZeroCopy::Auto => Ok(offered && target_can),
+            ZeroCopy::On if !offered => Err(Error::Invalid(
+                "--zero-copy on: this kernel's ublk driver does not offer AUTO_BUF_REG (Linux 6.16+); use --zero-copy auto or off".into(),
+            )),
+            ZeroCopy::On if !target_can => Err(Error::Invalid(
+                "--zero-copy on: this target cannot serve from the request's pages; use --zero-copy off".into(),
+            )),
+            ZeroCopy::On => Ok(true),
+        }
+    }
 }
 
 impl DeviceConfig {
@@ -82,6 +112,8 @@ pub struct Device {
     pub queue_cpus: Vec<usize>,
     queues: Vec<QueueThread>,
     pub stats: Option<Arc<StatsRegion>>,
+    /// Whether the queues serve requests from their own pages (AUTO_BUF_REG).
+    pub zero_copy: bool,
     // Closed after the queue threads are joined (they use its fd).
     cdev: Option<File>,
 }
@@ -127,12 +159,17 @@ impl Device {
     ) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
+        let zero_copy = cfg.zero_copy.resolve(features, target.supports_zero_copy())?;
+        let mut flags = UBLK_F_CMD_IOCTL_ENCODE & features;
+        if zero_copy {
+            flags |= UBLK_F_AUTO_BUF_REG;
+        }
         let mut info = ublksrv_ctrl_dev_info {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.max_io_bytes,
             dev_id: cfg.dev_id.unwrap_or(u32::MAX),
-            flags: UBLK_F_CMD_IOCTL_ENCODE & features,
+            flags,
             ..Default::default()
         };
         ctrl.add_dev(&mut info)?;
@@ -144,6 +181,7 @@ impl Device {
             queue_cpus: Vec::new(),
             queues: Vec::new(),
             stats: None,
+            zero_copy,
             cdev: None,
         };
         match dev.bring_up(cfg, target) {
@@ -191,6 +229,7 @@ impl Device {
                 files: target.files(),
                 stop_fd: stop.as_raw_fd(),
                 stats: Arc::clone(&stats),
+                zero_copy: self.zero_copy,
             };
             let cpu = self.queue_cpus[usize::from(q)];
             let target = Arc::clone(&target);

@@ -33,7 +33,16 @@ pub struct QueueConfig {
     /// An eventfd: readable means "stop once no backend I/O is in flight".
     pub stop_fd: RawFd,
     pub stats: Arc<StatsRegion>,
+    /// UBLK_F_AUTO_BUF_REG is on: each request's pages are registered at the ring's fixed
+    /// buffer index `tag` while it is served.
+    pub zero_copy: bool,
 }
+
+/// Engine sub-ops (`Kind::Engine`): the stop event, and the manual buffer registration used
+/// when the kernel could not auto-register a request's buffer.
+const ENGINE_STOP: u8 = 0;
+const ENGINE_REG: u8 = 1;
+const ENGINE_UNREG: u8 = 2;
 
 /// The queue's read-only view of the driver's descriptor array for this queue.
 struct DescMap {
@@ -192,6 +201,9 @@ pub struct Queue {
     start_ns: Vec<u64>,
     /// The clock, read once per loop iteration: all completions of a batch share it.
     now_ns: u64,
+    /// The tag's buffer was registered by us (auto registration fell back), so we unregister it
+    /// before the commit.
+    manual_reg: Vec<bool>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -218,12 +230,19 @@ impl Queue {
             .map_err(|e| Error::os("register files", e).queue(cfg.q))?;
         let desc = DescMap::new(cfg.cdev_fd, cfg.q, depth).map_err(|e| e.dev(cfg.dev_id))?;
         let bufs = IoBufs::new(depth, cfg.max_io_bytes).map_err(|e| e.queue(cfg.q))?;
+        if cfg.zero_copy {
+            // The table the driver registers each request's pages into (index = tag).
+            ring.submitter()
+                .register_buffers_sparse(u32::from(depth))
+                .map_err(|e| Error::os("register sparse buffer table", e).queue(cfg.q))?;
+        }
         let reqs = (0..depth)
             .map(|tag| Request {
                 tag,
                 desc: ublksrv_io_desc::default(),
                 buf: bufs.ptr(tag),
                 buf_len: bufs.per_tag(),
+                buf_index: cfg.zero_copy.then_some(tag),
             })
             .collect();
         Ok(Queue {
@@ -241,25 +260,62 @@ impl Queue {
             stop_buf: 0,
             requests: 0,
             start_ns: vec![0; usize::from(depth)],
+            manual_reg: vec![false; usize::from(depth)],
             now_ns: monotonic_ns(),
         })
     }
 
     fn push_ublk(&mut self, tag: u16, op: u32, result: i32) {
-        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr: self.bufs.ptr(tag) as u64 };
+        let zc = self.cfg.zero_copy;
+        let addr = if zc { 0 } else { self.bufs.ptr(tag) as u64 };
+        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr };
         let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
-        let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
-            .cmd(cmd.to_bytes())
-            .build()
-            .user_data(ud.encode());
+        let mut b = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op).cmd(cmd.to_bytes());
+        if zc {
+            // Where the driver registers the next request's pages: index = tag; on failure it
+            // delivers the request with UBLK_IO_F_NEED_REG_BUF instead of failing it.
+            let reg = ublk_auto_buf_reg { index: tag, flags: UBLK_AUTO_BUF_REG_FALLBACK, ..Default::default() };
+            b = b.addr(Some(reg.to_sqe_addr()));
+        }
+        let sqe = b.build().user_data(ud.encode());
         // SAFETY: the command bytes are copied into the SQE; the buffer address it carries is
         // the tag's buffer, which lives in `self.bufs` and outlives the ring (drop order).
         unsafe { push_sqe(&mut self.ring, &sqe) };
     }
 
+    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the tag's request at fixed index `tag`.
+    fn push_buf_cmd(&mut self, tag: u16, sub: u8, link: bool) {
+        let op = if sub == ENGINE_REG { UBLK_U_IO_REGISTER_IO_BUF } else { UBLK_U_IO_UNREGISTER_IO_BUF };
+        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result: 0, addr: u64::from(tag) };
+        let gen = self.tags[usize::from(tag)].gen;
+        let ud = UserData { tag, kind: Kind::Engine, sub, gen };
+        let mut sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
+            .cmd(cmd.to_bytes())
+            .build()
+            .user_data(ud.encode());
+        if link {
+            sqe = sqe.flags(squeue::Flags::IO_LINK);
+        }
+        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        // SAFETY: the command is copied into the SQE and points at no memory of ours.
+        unsafe { push_sqe(&mut self.ring, &sqe) };
+    }
+
+    fn start_request(&mut self, tag: u16) {
+        let req = self.reqs[usize::from(tag)];
+        let mut sq = Sq {
+            ring: &mut self.ring,
+            tags: &mut self.tags,
+            backend_inflight: &mut self.backend_inflight,
+            stats: self.cfg.stats.queue(self.cfg.q),
+        };
+        let flow = self.handler.start(&req, &mut sq);
+        self.settle(tag, flow);
+    }
+
     fn arm_stop(&mut self) {
-        let ud = UserData { tag: 0, kind: Kind::Engine, sub: 0, gen: 0 };
+        let ud = UserData { tag: 0, kind: Kind::Engine, sub: ENGINE_STOP, gen: 0 };
         let sqe = opcode::PollAdd::new(types::Fd(self.cfg.stop_fd), libc::POLLIN as u32)
             .build()
             .user_data(ud.encode());
@@ -323,6 +379,21 @@ impl Queue {
         };
         let tag = ud.tag;
         match ud.kind {
+            Kind::Engine if ud.sub == ENGINE_REG => {
+                if !self.tags[usize::from(tag)].reap(ud.gen) {
+                    debug_assert!(false, "stale buffer registration CQE for tag {tag}");
+                    return;
+                }
+                self.backend_inflight -= 1;
+                if res < 0 {
+                    self.manual_reg[usize::from(tag)] = false;
+                    self.settle(tag, Flow::Done(res));
+                } else {
+                    self.start_request(tag);
+                }
+            }
+            // Its failure leaves nothing to undo; the commit linked behind it reports.
+            Kind::Engine if ud.sub == ENGINE_UNREG => {}
             Kind::Engine => {
                 self.stopping = true;
                 // Drain the eventfd so a later poll does not fire again at once.
@@ -341,19 +412,22 @@ impl Queue {
                     t.deliver();
                     self.requests += 1;
                     self.start_ns[usize::from(tag)] = self.now_ns;
-                    let req = &mut self.reqs[usize::from(tag)];
-                    req.desc = self.desc.read(tag);
-                    let req = *req;
+                    let desc = self.desc.read(tag);
+                    self.reqs[usize::from(tag)].desc = desc;
                     let stats = self.cfg.stats.queue(self.cfg.q);
                     QueueStats::bump(&stats.io_now, 1);
-                    let mut sq = Sq {
-                        ring: &mut self.ring,
-                        tags: &mut self.tags,
-                        backend_inflight: &mut self.backend_inflight,
-                        stats,
-                    };
-                    let flow = self.handler.start(&req, &mut sq);
-                    self.settle(tag, flow);
+                    let has_data = matches!(desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
+                    if self.cfg.zero_copy && has_data && desc.flags() & UBLK_IO_F_NEED_REG_BUF != 0
+                    {
+                        // Auto registration failed: register it ourselves, then serve.
+                        QueueStats::bump(&stats.zero_copy_fallbacks, 1);
+                        self.manual_reg[usize::from(tag)] = true;
+                        self.tags[usize::from(tag)].issue();
+                        self.backend_inflight += 1;
+                        self.push_buf_cmd(tag, ENGINE_REG, false);
+                    } else {
+                        self.start_request(tag);
+                    }
                 } else {
                     if res != UBLK_IO_RES_ABORT {
                         eprintln!(
@@ -411,6 +485,10 @@ impl Queue {
         if let Some(i) = op_index(self.reqs[usize::from(tag)].desc.op()) {
             let ns = self.now_ns.saturating_sub(self.start_ns[usize::from(tag)]);
             stats.lat[i].record(ns, res < 0);
+        }
+        if std::mem::take(&mut self.manual_reg[usize::from(tag)]) {
+            // The request completes only once its buffer is unregistered: do that first.
+            self.push_buf_cmd(tag, ENGINE_UNREG, true);
         }
         self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
     }

@@ -108,13 +108,14 @@ pub struct QueueStats {
     pub sqes: AtomicU64,
     /// Time with at least one request in flight, measured per loop iteration.
     pub io_time_ns: AtomicU64,
-    reserved: AtomicU64,
+    /// Zero-copy requests whose automatic buffer registration failed and were registered by us.
+    pub zero_copy_fallbacks: AtomicU64,
     /// Per-op latency from the request's delivery to its commit, and errors.
     pub lat: [OpLatency; 5],
 }
 
 /// Names of the plain counters in file order.
-pub const COUNTER_NAMES: [&str; 15] = [
+pub const COUNTER_NAMES: [&str; 16] = [
     "reads",
     "writes",
     "flushes",
@@ -130,13 +131,14 @@ pub const COUNTER_NAMES: [&str; 15] = [
     "io_now",
     "sqes",
     "io_time_ns",
+    "zero_copy_fallbacks",
 ];
 const COUNTER_WORDS: usize = 16;
 
 /// A point-in-time copy of one queue's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueSnapshot {
-    pub counters: [u64; 15],
+    pub counters: [u64; 16],
     pub ops: [OpSnapshot; 5],
 }
 
@@ -157,7 +159,7 @@ impl QueueSnapshot {
     /// From the queue block's words, in file order.
     fn from_words(w: &[u64]) -> Self {
         let mut s = QueueSnapshot::default();
-        s.counters.copy_from_slice(&w[..15]);
+        s.counters.copy_from_slice(&w[..16]);
         for (o, op) in s.ops.iter_mut().enumerate() {
             let b = COUNTER_WORDS + o * OP_WORDS;
             op.buckets.copy_from_slice(&w[b..b + NB]);

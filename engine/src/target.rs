@@ -46,6 +46,9 @@ pub struct Request {
     /// the request and copies read data out of it after the commit.
     pub buf: *mut u8,
     pub buf_len: usize,
+    /// Zero copy: the request's own pages are the ring's fixed buffer at this index, addressed
+    /// from 0; backend I/O must use READ_FIXED/WRITE_FIXED on it, and `buf` is not used.
+    pub buf_index: Option<u16>,
 }
 
 impl Request {
@@ -88,6 +91,11 @@ pub trait Target: Send + Sync {
         None
     }
     /// Backing files, registered on every queue ring at fixed indexes 1.. (0 is `/dev/ublkcN`).
+    /// Whether the queue handler can serve a request whose data is the ring's fixed buffer
+    /// `Request::buf_index` (zero copy) instead of `Request::buf`.
+    fn supports_zero_copy(&self) -> bool {
+        false
+    }
     fn files(&self) -> Vec<RawFd> {
         Vec::new()
     }

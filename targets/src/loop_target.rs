@@ -287,6 +287,10 @@ impl Target for LoopTarget {
         vec![self.file.as_raw_fd()]
     }
 
+    fn supports_zero_copy(&self) -> bool {
+        true
+    }
+
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
         Ok(Box::new(LoopQueue {
             done: vec![0; usize::from(depth)],
@@ -320,19 +324,38 @@ impl LoopQueue {
         let done = self.done[usize::from(req.tag)];
         let len = req.bytes() as u32 - done;
         let off = req.offset() + u64::from(done);
-        let buf = req.buf.wrapping_add(done as usize);
-        let sqe = if req.desc.op() == UBLK_IO_OP_READ {
-            opcode::Read::new(BACKING, buf, len).offset(off).build()
-        } else {
-            let mut w = opcode::Write::new(BACKING, buf, len).offset(off);
-            if req.desc.flags() & UBLK_IO_F_FUA != 0 {
-                w = w.rw_flags(libc::RWF_DSYNC);
-                QueueStats::bump(&io.stats().backend_dsync_writes, 1);
+        let fua = req.desc.op() == UBLK_IO_OP_WRITE && req.desc.flags() & UBLK_IO_F_FUA != 0;
+        let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
+        if fua {
+            QueueStats::bump(&io.stats().backend_dsync_writes, 1);
+        }
+        let read = req.desc.op() == UBLK_IO_OP_READ;
+        let sqe = match req.buf_index {
+            // Zero copy: the request's pages are fixed buffer `idx`, addressed from 0.
+            Some(idx) => {
+                let at = done as usize as *mut u8;
+                if read {
+                    opcode::ReadFixed::new(BACKING, at, len, idx).offset(off).build()
+                } else {
+                    opcode::WriteFixed::new(BACKING, at, len, idx)
+                        .offset(off)
+                        .rw_flags(rw_flags)
+                        .build()
+                }
             }
-            w.build()
+            None => {
+                let buf = req.buf.wrapping_add(done as usize);
+                if read {
+                    opcode::Read::new(BACKING, buf, len).offset(off).build()
+                } else {
+                    opcode::Write::new(BACKING, buf, len).offset(off).rw_flags(rw_flags).build()
+                }
+            }
         };
-        // SAFETY: `buf..buf+len` lies inside the tag's buffer (bytes() <= buf_len was checked
-        // when the request started), which the engine keeps alive and unused until we commit.
+        // SAFETY: copy mode: `buf..buf+len` lies inside the tag's buffer (bytes() <= buf_len was
+        // checked when the request started), which the engine keeps alive and unused until we
+        // commit. Zero copy: the fixed buffer is the request's pages, registered by the driver
+        // until the commit, and `done..done+len` lies inside the request.
         unsafe { io.push(req, sub::RW, sqe) };
     }
 

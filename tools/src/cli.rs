@@ -66,6 +66,9 @@ pub struct AddOpts {
     /// Serve in the foreground until SIGINT/SIGTERM, then delete the device
     #[arg(long)]
     pub foreground: bool,
+    /// Serve requests from their own pages (UBLK_F_AUTO_BUF_REG, Linux 6.16+) [default: auto]
+    #[arg(long, value_name = "MODE")]
+    pub zero_copy: Option<ZeroCopyArg>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9633)
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
@@ -79,6 +82,7 @@ impl AddOpts {
             && self.id.is_none()
             && !self.foreground
             && self.metrics.is_none()
+            && self.zero_copy.is_none()
     }
 
     /// `self` with any option `other` sets laid over it.
@@ -89,7 +93,29 @@ impl AddOpts {
         self.id = other.id.or(self.id);
         self.foreground |= other.foreground;
         self.metrics = other.metrics.or(self.metrics);
+        self.zero_copy = other.zero_copy.or(self.zero_copy);
         self
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZeroCopyArg {
+    /// On when the kernel offers it
+    #[default]
+    Auto,
+    /// On, or an error
+    On,
+    /// Copy through the server's buffers
+    Off,
+}
+
+impl From<ZeroCopyArg> for ublk_fast_engine::device::ZeroCopy {
+    fn from(z: ZeroCopyArg) -> Self {
+        match z {
+            ZeroCopyArg::Auto => Self::Auto,
+            ZeroCopyArg::On => Self::On,
+            ZeroCopyArg::Off => Self::Off,
+        }
     }
 }
 

@@ -127,7 +127,7 @@ fn serve(
             backing: target.backing().unwrap_or_default(),
             queues: cfg.queues,
             depth: cfg.depth,
-            zero_copy: "off",
+            zero_copy: if dev.zero_copy { "on" } else { "off" },
             stats,
         };
         crate::metrics::spawn(l, vec![meta]);

@@ -77,7 +77,7 @@ fn build_target(t: &TargetCmd) -> Result<Arc<dyn Target>, CliError> {
                     a.size
                 )));
             }
-            Ok(Arc::new(NullTarget { size_bytes: size }))
+            Ok(Arc::new(NullTarget::new(size)?))
         }
         TargetCmd::Loop(a) => {
             let opts = LoopOptions {
@@ -125,6 +125,7 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
         cpus,
         max_io_bytes: DeviceConfig::DEFAULT_MAX_IO_BYTES,
         stats_dir: Some(record::run_dir()),
+        zero_copy: opts.zero_copy.unwrap_or_default().into(),
     };
     if opts.foreground {
         daemon::run_foreground(&cfg, target, metrics)
@@ -136,7 +137,7 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
 fn run(cli: Cli) -> Result<(), CliError> {
     let only_for_add = |cmd: &str| {
         CliError::usage(format!(
-            "--cpus/--queues/--depth/--id/--foreground/--metrics create devices; they do not apply to `{cmd}`"
+            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy create devices; they do not apply to `{cmd}`"
         ))
     };
     match cli.cmd {
