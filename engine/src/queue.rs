@@ -275,7 +275,11 @@ impl Queue {
         if zc {
             // Where the driver registers the next request's pages: index = tag; on failure it
             // delivers the request with UBLK_IO_F_NEED_REG_BUF instead of failing it.
-            let reg = ublk_auto_buf_reg { index: tag, flags: UBLK_AUTO_BUF_REG_FALLBACK, ..Default::default() };
+            let reg = ublk_auto_buf_reg {
+                index: tag,
+                flags: UBLK_AUTO_BUF_REG_FALLBACK,
+                ..Default::default()
+            };
             b = b.addr(Some(reg.to_sqe_addr()));
         }
         let sqe = b.build().user_data(ud.encode());
@@ -286,7 +290,8 @@ impl Queue {
 
     /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the tag's request at fixed index `tag`.
     fn push_buf_cmd(&mut self, tag: u16, sub: u8, link: bool) {
-        let op = if sub == ENGINE_REG { UBLK_U_IO_REGISTER_IO_BUF } else { UBLK_U_IO_UNREGISTER_IO_BUF };
+        let op =
+            if sub == ENGINE_REG { UBLK_U_IO_REGISTER_IO_BUF } else { UBLK_U_IO_UNREGISTER_IO_BUF };
         let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result: 0, addr: u64::from(tag) };
         let gen = self.tags[usize::from(tag)].gen;
         let ud = UserData { tag, kind: Kind::Engine, sub, gen };

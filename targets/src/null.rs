@@ -74,7 +74,8 @@ impl QueueHandler for NullQueue {
             UBLK_IO_OP_READ if req.buf_index.is_some() => {
                 // Zero copy: the reader's pages are the fixed buffer; zero them in the kernel.
                 let idx = req.buf_index.unwrap_or_default();
-                let sqe = opcode::ReadFixed::new(ZERO, std::ptr::null_mut(), len as u32, idx).build();
+                let sqe =
+                    opcode::ReadFixed::new(ZERO, std::ptr::null_mut(), len as u32, idx).build();
                 // SAFETY: the fixed buffer is the request's pages, registered by the driver
                 // until we commit; the read covers exactly the request.
                 unsafe { io.push(req, 0, sqe) };

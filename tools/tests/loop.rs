@@ -68,10 +68,11 @@ fn fio_verify_matrix(dev: &str) -> u64 {
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn fio_verify_on_a_file_backend() {
     let f = backing("fio-file", 128, "/dev/zero");
-    for q in ["1", "2"] {
-        let dev = Dev::add(&["loop", &f, "-q", q]);
+    for (q, zc) in [("1", "auto"), ("2", "auto"), ("2", "off")] {
+        let dev = Dev::add(&["loop", &f, "-q", q, "--zero-copy", zc]);
+        let zc = if uses_zero_copy(&dev) { "on" } else { "off" };
         let ios = fio_verify_matrix(&dev.path);
-        println!("file backend, queues={q}: {ios} I/Os verified, 12 jobs");
+        println!("file backend, queues={q}, zero copy {zc}: {ios} I/Os verified, 12 jobs");
         assert_eq!(dev.stat("io_errors"), 0);
         dev.del();
     }
@@ -83,12 +84,16 @@ fn fio_verify_on_a_file_backend() {
 fn fio_verify_on_a_block_device_backend() {
     let f = backing("fio-blk", 128, "/dev/zero");
     let kl = KLoop::new(&f);
-    for q in ["1", "2"] {
-        let dev = Dev::add(&["loop", &kl.0, "-q", q]);
+    for (q, zc) in [("1", "auto"), ("2", "off")] {
+        let dev = Dev::add(&["loop", &kl.0, "-q", q, "--zero-copy", zc]);
         let info = dev.info();
         assert_eq!(info["size_bytes"], 128u64 << 20);
+        let zc = if uses_zero_copy(&dev) { "on" } else { "off" };
         let ios = fio_verify_matrix(&dev.path);
-        println!("block backend {}, queues={q}: {ios} I/Os verified, 12 jobs", kl.0);
+        println!(
+            "block backend {}, queues={q}, zero copy {zc}: {ios} I/Os verified, 12 jobs",
+            kl.0
+        );
         dev.del();
     }
     drop(kl);
@@ -115,7 +120,7 @@ fn bytes_written_through_the_device_are_the_bytes_in_the_file_and_back() {
         "dd if={pat} of={f} bs=1M seek=33554432 oflag=seek_bytes conv=notrunc,fsync status=none"
     ));
     // Through the page cache this time (--buffered).
-    let dev = Dev::add(&["loop", &f, "-q", "2", "--buffered"]);
+    let dev = Dev::add(&["loop", &f, "-q", "2", "--buffered", "--zero-copy", "off"]);
     sh(&format!(
         "cmp -n 25165824 {pat} <(dd if={} bs=1M skip=32 count=24 iflag=direct status=none)",
         dev.path
@@ -126,14 +131,16 @@ fn bytes_written_through_the_device_are_the_bytes_in_the_file_and_back() {
 }
 
 /// mkfs, a tree of files, fsck, then the same files through a new device. ext4 runs on the
-/// default 512-byte logical blocks, xfs on `--block-size 4096`.
+/// default 512-byte logical blocks with zero copy where offered, xfs on `--block-size 4096`
+/// in copy mode.
 fn fs_round_trip(fs: &str) {
     let bs = if fs == "ext4" { "512" } else { "4096" };
+    let zc = if fs == "ext4" { "auto" } else { "off" };
     let f = "/tmp/ublk-fast-it-fs.img".to_string();
     sh(&format!("rm -f {f}; truncate -s 2G {f}"));
     let mnt = "/tmp/ublk-fast-it-mnt";
     sh(&format!("mkdir -p {mnt}"));
-    let dev = Dev::add(&["loop", &f, "-q", "2", "--block-size", bs]);
+    let dev = Dev::add(&["loop", &f, "-q", "2", "--block-size", bs, "--zero-copy", zc]);
     assert_eq!(sh(&format!("blockdev --getss {}", dev.path)).trim(), bs);
     let _ = sh_any(&format!("modprobe {fs}"));
     let mkfs = if fs == "ext4" { "mkfs.ext4 -q -F" } else { "mkfs.xfs -q -f" };
@@ -254,7 +261,7 @@ fn two_devices_verify_at_once() {
     let f1 = backing("two-a", 64, "/dev/zero");
     let f2 = backing("two-b", 64, "/dev/zero");
     let d1 = Dev::add(&["loop", &f1, "-q", "2"]);
-    let d2 = Dev::add(&["loop", &f2, "-q", "1"]);
+    let d2 = Dev::add(&["loop", &f2, "-q", "1", "--zero-copy", "off"]);
     let run = |dev: String| {
         std::thread::spawn(move || {
             fio(&[

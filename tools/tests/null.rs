@@ -11,7 +11,14 @@ use common::*;
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn null_device_has_its_size_and_reads_zeros() {
-    let dev = Dev::add(&["null", "--size", "1G", "-q", "1"]);
+    for zc in ["auto", "off"] {
+        null_size_and_zeros(zc);
+    }
+}
+
+fn null_size_and_zeros(zc: &str) {
+    let dev = Dev::add(&["null", "--size", "1G", "-q", "1", "--zero-copy", zc]);
+    println!("zero copy {zc}: {}", if uses_zero_copy(&dev) { "on" } else { "off" });
     assert_eq!(sh(&format!("blockdev --getsize64 {}", dev.path)).trim(), "1073741824");
     // Dirty the tag buffers with a write first: null reads must still return zeros.
     sh(&format!("head -c 4M /dev/urandom | dd of={} bs=1M oflag=direct status=none", dev.path));
@@ -43,8 +50,8 @@ fn null_device_has_its_size_and_reads_zeros() {
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn fio_on_null_with_one_and_two_queues() {
-    for q in ["1", "2"] {
-        let dev = Dev::add(&["null", "--size", "1G", "-q", q]);
+    for (q, zc) in [("1", "auto"), ("2", "auto"), ("2", "off")] {
+        let dev = Dev::add(&["null", "--size", "1G", "-q", q, "--zero-copy", zc]);
         let r = fio(&[
             "--name=null",
             &format!("--filename={}", dev.path),
@@ -59,7 +66,7 @@ fn fio_on_null_with_one_and_two_queues() {
             "--group_reporting",
         ]);
         let (ios, errs) = fio_totals(&r);
-        println!("queues={q}: {ios} I/Os in 3 s");
+        println!("queues={q} zero-copy={zc}: {ios} I/Os in 3 s");
         assert!(ios > 1000, "too few I/Os: {ios}");
         assert_eq!(errs, 0);
         assert!(dev.stat("reads") > 0 && dev.stat("writes") > 0);
@@ -151,4 +158,23 @@ fn del_while_the_device_is_open_does_not_hang() {
     assert!(wait_gone(&dev.path), "{} still there after its last opener closed", dev.path);
     assert!(wait_gone(&format!("/sys/class/ublk-char/ublkc{}", dev.id)));
     dev.id = u32::MAX; // already deleted
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn zero_copy_on_is_honoured_or_refused() {
+    require_driver();
+    let offered = stdout(&ublk(&["features"])).contains("AUTO_BUF_REG");
+    if offered {
+        let dev = Dev::add(&["null", "--size", "64M", "--zero-copy", "on"]);
+        assert!(uses_zero_copy(&dev));
+        dev.del();
+        let dev = Dev::add(&["null", "--size", "64M", "--zero-copy", "off"]);
+        assert!(!uses_zero_copy(&dev));
+        dev.del();
+    } else {
+        println!("this driver has no AUTO_BUF_REG: --zero-copy on must be refused");
+        check_refused(&format!("{} null --zero-copy on", bin()), "does not offer AUTO_BUF_REG");
+    }
+    check_refused(&format!("{} null --zero-copy maybe", bin()), "invalid value 'maybe'");
 }

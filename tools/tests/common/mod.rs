@@ -177,3 +177,8 @@ pub fn check_refused(cmd: &str, expect: &str) {
     assert_eq!(daemons(), procs, "`{cmd}` left a process behind");
     println!("ok: {cmd}\n    -> {}", err.trim_end());
 }
+
+/// Whether the device was created with UBLK_F_AUTO_BUF_REG (zero copy).
+pub fn uses_zero_copy(dev: &Dev) -> bool {
+    dev.info()["flags"].as_array().unwrap().iter().any(|f| f == "AUTO_BUF_REG")
+}
