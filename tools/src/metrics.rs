@@ -78,6 +78,13 @@ const COUNTERS: &[(&str, &str, &str, &str, f64)] = &[
         1.0,
     ),
     (
+        "zero_copy_fallbacks_total",
+        "Zero-copy requests whose automatic buffer registration failed (served after a manual one).",
+        "counter",
+        "zero_copy_fallbacks",
+        1.0,
+    ),
+    (
         "backend_dsync_writes_total",
         "Writes issued to the backing store with RWF_DSYNC.",
         "counter",

@@ -174,8 +174,10 @@ fn every_declared_metric_is_updated_by_its_code_path() {
         .collect();
     assert!(families.len() >= 17, "{families:?}");
     for (name, kind) in &families {
-        // A gauge of requests in flight is 0 whenever the device is idle, as now.
-        if name == "ublk_fast_io_now" {
+        // A gauge of requests in flight is 0 whenever the device is idle, as now; zero-copy
+        // fallbacks happen only when the driver fails to register a request's pages, which
+        // nothing here can provoke (the counter is checked to exist, and unit-tested).
+        if name == "ublk_fast_io_now" || name == "ublk_fast_zero_copy_fallbacks_total" {
             continue;
         }
         let sample = if kind == "histogram" { format!("{name}_count") } else { name.clone() };
