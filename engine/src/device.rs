@@ -322,11 +322,19 @@ impl Device {
         }
     }
 
-    /// The device was stopped from outside: join the queues and close our end so a pending
-    /// DEL_DEV can finish. Does not delete.
+    /// A queue ended (the device was stopped or deleted from outside, or a queue failed): join
+    /// the queues and close our end so a pending DEL_DEV can finish. Deletes the device only if
+    /// a queue failed.
     pub fn release(mut self) -> Result<()> {
         let r = self.join_queues().map(|_| ());
         self.cdev = None;
+        if r.is_err() {
+            // A queue failed on its own rather than being stopped: nothing serves this device
+            // any more, so remove it instead of leaving it to hang its users.
+            let id = self.info.dev_id;
+            let _ = self.ctrl.stop_dev(id);
+            let _ = self.ctrl.del_dev_nowait(id);
+        }
         r
     }
 }
