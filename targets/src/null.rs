@@ -57,13 +57,14 @@ impl Target for NullTarget {
     }
 
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
-        Ok(Box::new(NullQueue { dirty: vec![false; usize::from(depth)] }))
+        Ok(Box::new(NullQueue { dirty: vec![0; usize::from(depth)] }))
     }
 }
 
-/// Tracks which tag buffers hold write data, so reads zero only what a write dirtied.
+/// Copy mode: how many leading bytes of each tag's buffer a write dirtied since they were last
+/// zeroed, so a read zeroes only those (not the whole 512 KiB buffer).
 struct NullQueue {
-    dirty: Vec<bool>,
+    dirty: Vec<usize>,
 }
 
 impl QueueHandler for NullQueue {
@@ -85,16 +86,16 @@ impl QueueHandler for NullQueue {
                 if len > req.buf_len {
                     return Flow::Done(-libc::EINVAL);
                 }
-                if self.dirty[tag] {
-                    // SAFETY: the tag's buffer is `buf_len` bytes, ours while the request is
-                    // being served (the kernel copies out of it only after the commit).
-                    unsafe { std::ptr::write_bytes(req.buf, 0, req.buf_len) };
-                    self.dirty[tag] = false;
+                let dirty = std::mem::take(&mut self.dirty[tag]);
+                if dirty > 0 {
+                    // SAFETY: dirty <= buf_len bytes of the tag's buffer, ours while the request
+                    // is being served (the kernel copies out of it only after the commit).
+                    unsafe { std::ptr::write_bytes(req.buf, 0, dirty) };
                 }
                 Flow::Done(len as i32)
             }
             UBLK_IO_OP_WRITE => {
-                self.dirty[tag] = true;
+                self.dirty[tag] = self.dirty[tag].max(len.min(req.buf_len));
                 Flow::Done(len as i32)
             }
             UBLK_IO_OP_FLUSH | UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES => Flow::Done(0),
