@@ -155,6 +155,20 @@ impl Control {
         self.run("START_DEV", UBLK_U_CMD_START_DEV, c).map(|_| ())
     }
 
+    /// START_USER_RECOVERY: the device (QUIESCED or FAIL_IO, its old daemon gone) accepts a new
+    /// daemon. EBUSY while the kernel has not yet noticed the old daemon's death.
+    pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
+        self.run("START_USER_RECOVERY", UBLK_U_CMD_START_USER_RECOVERY, ctrl_cmd(dev_id))
+            .map(|_| ())
+    }
+
+    /// END_USER_RECOVERY: every queue of the new daemon has fetched; the device is LIVE again.
+    pub fn end_user_recovery(&mut self, dev_id: u32, daemon_pid: i32) -> Result<()> {
+        let mut c = ctrl_cmd(dev_id);
+        c.data[0] = daemon_pid as u64;
+        self.run("END_USER_RECOVERY", UBLK_U_CMD_END_USER_RECOVERY, c).map(|_| ())
+    }
+
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
         self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
     }

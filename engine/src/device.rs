@@ -33,6 +33,33 @@ pub struct DeviceConfig {
     /// Where to publish the counters (`<dir>/<id>.stats`); `None` keeps them private.
     pub stats_dir: Option<PathBuf>,
     pub zero_copy: ZeroCopy,
+    /// What the kernel does with I/O when this daemon dies, until `recover` starts another.
+    pub recovery: Recovery,
+}
+
+/// `--recovery`: the device outlives its daemon (UBLK_F_USER_RECOVERY*).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recovery {
+    /// The daemon's death ends the device.
+    #[default]
+    None,
+    /// I/O in flight at the crash fails; new I/O waits for the next daemon.
+    Requeue,
+    /// I/O in flight at the crash is reissued to the next daemon; new I/O waits.
+    Reissue,
+    /// I/O fails until the next daemon is there.
+    FailIo,
+}
+
+impl Recovery {
+    pub fn flags(self) -> u64 {
+        match self {
+            Recovery::None => 0,
+            Recovery::Requeue => UBLK_F_USER_RECOVERY,
+            Recovery::Reissue => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE,
+            Recovery::FailIo => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO,
+        }
+    }
 }
 
 /// `--zero-copy`: serve requests from their own pages (UBLK_F_AUTO_BUF_REG, Linux 6.16+).
@@ -164,6 +191,14 @@ impl Device {
         if zero_copy {
             flags |= UBLK_F_AUTO_BUF_REG;
         }
+        let want = cfg.recovery.flags();
+        if want & !features != 0 {
+            return Err(Error::Invalid(format!(
+                "--recovery: this kernel's ublk driver does not offer {}",
+                feature_names(want & !features).join(", ")
+            )));
+        }
+        flags |= want;
         let mut info = ublksrv_ctrl_dev_info {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -184,10 +219,74 @@ impl Device {
             zero_copy,
             cdev: None,
         };
-        match dev.bring_up(cfg, target) {
+        let params = ublk_params(&target.params(), cfg.max_io_bytes);
+        let r = dev
+            .ctrl
+            .set_params(dev.info.dev_id, &params)
+            .and_then(|()| dev.bring_up(cfg, target, false));
+        match r {
             Ok(()) => Ok(dev),
             Err(e) => {
                 dev.teardown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes over device `id` whose daemon died (QUIESCED or FAIL_IO): START_USER_RECOVERY,
+    /// new queues fetch every tag, END_USER_RECOVERY. On failure the device is left as it was
+    /// (its data is the user's), never deleted.
+    pub fn recover(cfg: &DeviceConfig, target: Arc<dyn Target>, id: u32) -> Result<Device> {
+        let mut ctrl = Control::open()?;
+        let features = ctrl.features()?;
+        let info = ctrl.dev_info(id)?;
+        if info.flags & UBLK_F_USER_RECOVERY == 0 {
+            return Err(Error::Invalid(format!(
+                "device {id} was not created with --recovery: it cannot be taken over"
+            )));
+        }
+        if info.state == UBLK_S_DEV_LIVE {
+            // The kernel may not have noticed the old daemon's death yet: wait a little.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while ctrl.dev_info(id)?.state == UBLK_S_DEV_LIVE {
+                if Instant::now() > deadline {
+                    return Err(Error::Invalid(format!(
+                        "device {id} is LIVE: its daemon still serves it (stop it first)"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // EBUSY until the old daemon's files are closed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ctrl.start_user_recovery(id) {
+                Ok(()) => break,
+                Err(e) if e.raw_errno() == libc::EBUSY && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let zero_copy = info.flags & UBLK_F_AUTO_BUF_REG != 0;
+        // The kernel's geometry wins over the saved configuration.
+        let cfg =
+            DeviceConfig { queues: info.nr_hw_queues, depth: info.queue_depth, ..cfg.clone() };
+        let mut dev = Device {
+            ctrl,
+            info,
+            features,
+            queue_cpus: Vec::new(),
+            queues: Vec::new(),
+            stats: None,
+            zero_copy,
+            cdev: None,
+        };
+        match dev.bring_up(&cfg, target, true) {
+            Ok(()) => Ok(dev),
+            Err(e) => {
+                let _ = dev.join_queues();
+                dev.cdev = None;
                 Err(e)
             }
         }
@@ -197,10 +296,15 @@ impl Device {
         self.info.dev_id
     }
 
-    fn bring_up(&mut self, cfg: &DeviceConfig, target: Arc<dyn Target>) -> Result<()> {
+    /// Opens `/dev/ublkcN`, starts the queues (each fetches every tag), then START_DEV, or
+    /// END_USER_RECOVERY when taking over a quiesced device.
+    fn bring_up(
+        &mut self,
+        cfg: &DeviceConfig,
+        target: Arc<dyn Target>,
+        recovering: bool,
+    ) -> Result<()> {
         let id = self.info.dev_id;
-        let params = ublk_params(&target.params(), cfg.max_io_bytes);
-        self.ctrl.set_params(id, &params)?;
         let cdev = open_cdev(id)?;
         let cdev_fd = cdev.as_raw_fd();
         self.cdev = Some(cdev);
@@ -250,7 +354,11 @@ impl Device {
         }
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
-        self.ctrl.start_dev(id, pid)?;
+        if recovering {
+            self.ctrl.end_user_recovery(id, pid)?;
+        } else {
+            self.ctrl.start_dev(id, pid)?;
+        }
         self.info = self.ctrl.dev_info(id)?;
         Ok(())
     }

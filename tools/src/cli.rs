@@ -40,6 +40,15 @@ pub enum Command {
         #[arg(short = 'a', long)]
         all: bool,
     },
+    /// Start a new daemon for a device created with --recovery whose daemon died
+    Recover {
+        /// The device to take over
+        #[arg(short = 'n', long = "id")]
+        id: u32,
+        /// Serve in the foreground
+        #[arg(long)]
+        foreground: bool,
+    },
     /// Print the ublk driver's features
     Features {
         #[arg(long)]
@@ -69,6 +78,9 @@ pub struct AddOpts {
     /// Serve requests from their own pages (UBLK_F_AUTO_BUF_REG, Linux 6.16+) [default: auto]
     #[arg(long, value_name = "MODE")]
     pub zero_copy: Option<ZeroCopyArg>,
+    /// Let the device outlive this daemon: `ublk-fast recover` takes it over [MODE: requeue]
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "requeue")]
+    pub recovery: Option<RecoveryArg>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9633)
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
@@ -83,6 +95,7 @@ impl AddOpts {
             && !self.foreground
             && self.metrics.is_none()
             && self.zero_copy.is_none()
+            && self.recovery.is_none()
     }
 
     /// `self` with any option `other` sets laid over it.
@@ -94,6 +107,7 @@ impl AddOpts {
         self.foreground |= other.foreground;
         self.metrics = other.metrics.or(self.metrics);
         self.zero_copy = other.zero_copy.or(self.zero_copy);
+        self.recovery = other.recovery.or(self.recovery);
         self
     }
 }
@@ -115,6 +129,26 @@ impl From<ZeroCopyArg> for ublk_fast_engine::device::ZeroCopy {
             ZeroCopyArg::Auto => Self::Auto,
             ZeroCopyArg::On => Self::On,
             ZeroCopyArg::Off => Self::Off,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryArg {
+    /// I/O in flight at the crash fails; new I/O waits for the next daemon
+    Requeue,
+    /// I/O in flight at the crash is reissued to the next daemon
+    Reissue,
+    /// I/O fails until the next daemon is there
+    FailIo,
+}
+
+impl From<RecoveryArg> for ublk_fast_engine::device::Recovery {
+    fn from(r: RecoveryArg) -> Self {
+        match r {
+            RecoveryArg::Requeue => Self::Requeue,
+            RecoveryArg::Reissue => Self::Reissue,
+            RecoveryArg::FailIo => Self::FailIo,
         }
     }
 }

@@ -89,15 +89,35 @@ fn detach_stdio() {
 
 /// Creates the device and serves it until a stop signal (then removes it) or until it is
 /// stopped from outside (then releases it).
-fn serve(
-    cfg: &DeviceConfig,
-    target: Arc<dyn Target>,
-    metrics: Option<TcpListener>,
-    mut pipe: Option<File>,
-) -> Result<(), CliError> {
+/// How the daemon gets its device.
+#[derive(Clone, Copy, Debug)]
+pub enum Start {
+    Create,
+    /// Take over this device, whose daemon died (`recover`).
+    Recover(u32),
+}
+
+/// Everything a daemon needs.
+pub struct Run {
+    pub cfg: DeviceConfig,
+    pub target: Arc<dyn Target>,
+    pub metrics: Option<TcpListener>,
+    pub start: Start,
+    /// The creating command line, kept in the record for `recover`.
+    pub argv: Vec<String>,
+}
+
+fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
+    let Run { cfg, target, metrics, start, argv } = run;
+    let cfg = &cfg;
     block_signals();
-    let dev =
-        Device::create(cfg, Arc::clone(&target), &mut |id| report(&mut pipe, Report::Added(id)));
+    let dev = match start {
+        Start::Create => {
+            Device::create(cfg, Arc::clone(&target), &mut |id| report(&mut pipe, Report::Added(id)))
+        }
+        // Never report ADDED: a failed takeover must leave the device alone, not delete it.
+        Start::Recover(id) => Device::recover(cfg, Arc::clone(&target), id),
+    };
     let dev = match dev {
         Ok(d) => d,
         Err(e) => {
@@ -113,9 +133,10 @@ fn serve(
         pid: unsafe { libc::getpid() },
         target: target.name().to_string(),
         args: target.args(),
-        queues: cfg.queues,
-        depth: cfg.depth,
+        queues: dev.info.nr_hw_queues,
+        depth: dev.info.queue_depth,
         queue_cpus: dev.queue_cpus.clone(),
+        argv,
     };
     if let Err(e) = rec.save() {
         eprintln!("ublk-fast: warning: cannot write {}: {e}", record::path(id).display());
@@ -155,20 +176,12 @@ fn serve(
     }
 }
 
-pub fn run_foreground(
-    cfg: &DeviceConfig,
-    target: Arc<dyn Target>,
-    metrics: Option<TcpListener>,
-) -> Result<(), CliError> {
-    serve(cfg, target, metrics, None)
+pub fn run_foreground(run: Run) -> Result<(), CliError> {
+    serve(run, None)
 }
 
 /// Forks a daemon that creates and serves the device; returns once it is LIVE or failed.
-pub fn run_background(
-    cfg: &DeviceConfig,
-    target: Arc<dyn Target>,
-    metrics: Option<TcpListener>,
-) -> Result<(), CliError> {
+pub fn run_background(run: Run) -> Result<(), CliError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -189,7 +202,7 @@ pub fn run_background(
             libc::setsid();
             File::from_raw_fd(fds[1])
         };
-        let code = match serve(cfg, target, metrics, Some(pipe)) {
+        let code = match serve(run, Some(pipe)) {
             Ok(()) => 0,
             Err(e) => e.code,
         };
@@ -200,8 +213,7 @@ pub fn run_background(
         libc::close(fds[1]);
         File::from_raw_fd(fds[0])
     };
-    drop(target);
-    drop(metrics);
+    drop(run);
     let (mut added, mut live, mut failed) = (None, None, None);
     for line in BufReader::new(rd).lines().map_while(Result::ok) {
         match line.split_once(' ') {

@@ -92,7 +92,14 @@ fn build_target(t: &TargetCmd) -> Result<Arc<dyn Target>, CliError> {
     }
 }
 
-fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
+/// Creates a device (`start` = Create) or takes one over (`Recover`), from the options and
+/// target of the command line `argv` (kept in the device's record for a later `recover`).
+fn add(
+    opts: AddOpts,
+    target: TargetCmd,
+    start: daemon::Start,
+    argv: Vec<String>,
+) -> Result<(), CliError> {
     preflight()?;
     let online = online_cpus()?;
     let cpus = match &opts.cpus {
@@ -126,24 +133,66 @@ fn add(opts: AddOpts, target: TargetCmd) -> Result<(), CliError> {
         max_io_bytes: DeviceConfig::DEFAULT_MAX_IO_BYTES,
         stats_dir: Some(record::run_dir()),
         zero_copy: opts.zero_copy.unwrap_or_default().into(),
+        recovery: opts.recovery.map(Into::into).unwrap_or_default(),
     };
+    let run = daemon::Run { cfg, target, metrics, start, argv };
     if opts.foreground {
-        daemon::run_foreground(&cfg, target, metrics)
+        daemon::run_foreground(run)
     } else {
-        daemon::run_background(&cfg, target, metrics)
+        daemon::run_background(run)
     }
 }
 
-fn run(cli: Cli) -> Result<(), CliError> {
+/// `recover -n ID`: rebuilds the device's target from its record and takes the device over.
+fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
+    preflight()?;
+    let path = record::path(id);
+    let rec = record::Record::load(id).ok_or_else(|| {
+        CliError::runtime(format!(
+            "device {id}: no usable record at {} (missing or corrupt): it cannot be recovered",
+            path.display()
+        ))
+    })?;
+    let argv = std::iter::once("ublk-fast".to_string()).chain(rec.argv.iter().cloned());
+    let cli = Cli::try_parse_from(argv).map_err(|_| {
+        CliError::runtime(format!(
+            "device {id}: the command line in {} does not parse",
+            path.display()
+        ))
+    })?;
+    let (opts, target) = match cli.cmd {
+        Command::Target(t) => (cli.add.merged(t.opts().clone()), t),
+        Command::Add { opts, target } => {
+            (cli.add.merged(opts).merged(target.opts().clone()), target)
+        }
+        _ => {
+            return Err(CliError::runtime(format!(
+                "device {id}: {} names no target",
+                path.display()
+            )))
+        }
+    };
+    let opts = AddOpts { id: Some(id), foreground, ..opts };
+    add(opts, target, daemon::Start::Recover(id), rec.argv)
+}
+
+fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
     let only_for_add = |cmd: &str| {
         CliError::usage(format!(
-            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy create devices; they do not apply to `{cmd}`"
+            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy/--recovery create devices; they do not apply to `{cmd}`"
         ))
     };
     match cli.cmd {
-        Command::Target(t) => add(cli.add.merged(t.opts().clone()), t),
+        Command::Target(t) => add(cli.add.merged(t.opts().clone()), t, daemon::Start::Create, argv),
         Command::Add { opts, target } => {
-            add(cli.add.merged(opts).merged(target.opts().clone()), target)
+            let opts = cli.add.merged(opts).merged(target.opts().clone());
+            add(opts, target, daemon::Start::Create, argv)
+        }
+        Command::Recover { id, foreground } => {
+            if !cli.add.is_empty() {
+                return Err(only_for_add("recover"));
+            }
+            recover(id, foreground)
         }
         Command::List { id, json } => {
             if !cli.add.is_empty() {
@@ -203,7 +252,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(cli) {
+    if let Err(e) = run(cli, std::env::args().skip(1).collect()) {
         eprintln!("ublk-fast: error: {}", e.msg);
         std::process::exit(e.code);
     }

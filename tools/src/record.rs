@@ -15,6 +15,10 @@ pub struct Record {
     pub queues: u16,
     pub depth: u16,
     pub queue_cpus: Vec<usize>,
+    /// The command line that created the device (without the program name), so `recover`
+    /// can rebuild the same target.
+    #[serde(default)]
+    pub argv: Vec<String>,
 }
 
 pub fn run_dir() -> PathBuf {
@@ -79,6 +83,7 @@ mod tests {
             queues: 2,
             depth: 64,
             queue_cpus: vec![0, 1],
+            argv: vec!["null".into()],
         };
         r.save().unwrap();
         assert_eq!(Record::load(7), Some(r));
