@@ -209,16 +209,7 @@ impl Device {
         };
         ctrl.add_dev(&mut info)?;
         on_added(info.dev_id);
-        let mut dev = Device {
-            ctrl,
-            info,
-            features,
-            queue_cpus: Vec::new(),
-            queues: Vec::new(),
-            stats: None,
-            zero_copy,
-            cdev: None,
-        };
+        let mut dev = Device::new(ctrl, info, features, zero_copy);
         let params = ublk_params(&target.params(), cfg.max_io_bytes);
         let r = dev
             .ctrl
@@ -272,7 +263,20 @@ impl Device {
         // The kernel's geometry wins over the saved configuration.
         let cfg =
             DeviceConfig { queues: info.nr_hw_queues, depth: info.queue_depth, ..cfg.clone() };
-        let mut dev = Device {
+        let mut dev = Device::new(ctrl, info, features, zero_copy);
+        match dev.bring_up(&cfg, target, true) {
+            Ok(()) => Ok(dev),
+            Err(e) => {
+                let _ = dev.join_queues();
+                dev.cdev = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// A device known to the kernel, before its queues exist.
+    fn new(ctrl: Control, info: ublksrv_ctrl_dev_info, features: u64, zero_copy: bool) -> Self {
+        Device {
             ctrl,
             info,
             features,
@@ -281,14 +285,6 @@ impl Device {
             stats: None,
             zero_copy,
             cdev: None,
-        };
-        match dev.bring_up(&cfg, target, true) {
-            Ok(()) => Ok(dev),
-            Err(e) => {
-                let _ = dev.join_queues();
-                dev.cdev = None;
-                Err(e)
-            }
         }
     }
 

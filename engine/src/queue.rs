@@ -307,15 +307,20 @@ impl Queue {
         unsafe { push_sqe(&mut self.ring, &sqe) };
     }
 
-    fn start_request(&mut self, tag: u16) {
-        let req = self.reqs[usize::from(tag)];
+    /// Runs the target's handler with the ring's submission side.
+    fn handle(&mut self, f: impl FnOnce(&mut dyn QueueHandler, &mut dyn Submit) -> Flow) -> Flow {
         let mut sq = Sq {
             ring: &mut self.ring,
             tags: &mut self.tags,
             backend_inflight: &mut self.backend_inflight,
             stats: self.cfg.stats.queue(self.cfg.q),
         };
-        let flow = self.handler.start(&req, &mut sq);
+        f(self.handler.as_mut(), &mut sq)
+    }
+
+    fn start_request(&mut self, tag: u16) {
+        let req = self.reqs[usize::from(tag)];
+        let flow = self.handle(|h, io| h.start(&req, io));
         self.settle(tag, flow);
     }
 
@@ -453,13 +458,7 @@ impl Queue {
                 }
                 self.backend_inflight -= 1;
                 let req = self.reqs[usize::from(tag)];
-                let mut sq = Sq {
-                    ring: &mut self.ring,
-                    tags: &mut self.tags,
-                    backend_inflight: &mut self.backend_inflight,
-                    stats: self.cfg.stats.queue(self.cfg.q),
-                };
-                let flow = self.handler.complete(&req, ud.sub, res, &mut sq);
+                let flow = self.handle(|h, io| h.complete(&req, ud.sub, res, io));
                 self.settle(tag, flow);
             }
         }
