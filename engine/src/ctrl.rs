@@ -169,6 +169,15 @@ impl Control {
         self.run("END_USER_RECOVERY", UBLK_U_CMD_END_USER_RECOVERY, c).map(|_| ())
     }
 
+    /// QUIESCE_DEV (UBLK_F_QUIESCE): waits up to `timeout_ms` (0: forever) until every queue
+    /// has an idle tag, then aborts the daemon's fetches; once that daemon exits the device is
+    /// QUIESCED and a new one can `recover` it. I/O waits meanwhile.
+    pub fn quiesce_dev(&mut self, dev_id: u32, timeout_ms: u64) -> Result<()> {
+        let mut c = ctrl_cmd(dev_id);
+        c.data[0] = timeout_ms;
+        self.run("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, c).map(|_| ())
+    }
+
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
         self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
     }

@@ -199,6 +199,10 @@ impl Device {
             )));
         }
         flags |= want;
+        if want != 0 {
+            // Lets an operator hand the device to a new daemon without an I/O error.
+            flags |= UBLK_F_QUIESCE & features;
+        }
         let mut info = ublksrv_ctrl_dev_info {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -286,6 +290,13 @@ impl Device {
             zero_copy,
             cdev: None,
         }
+    }
+
+    /// Whether the kernel still has this device and will hold it for a new daemon
+    /// (`--recovery`): then its record must survive this daemon.
+    pub fn awaits_recovery(&mut self) -> bool {
+        let id = self.info.dev_id;
+        self.ctrl.dev_info(id).is_ok_and(|i| i.flags & UBLK_F_USER_RECOVERY != 0)
     }
 
     pub fn id(&self) -> u32 {
@@ -429,7 +440,7 @@ impl Device {
     /// A queue ended (the device was stopped or deleted from outside, or a queue failed): join
     /// the queues and close our end so a pending DEL_DEV can finish. Deletes the device only if
     /// a queue failed.
-    pub fn release(mut self) -> Result<()> {
+    pub fn release(&mut self) -> Result<()> {
         let r = self.join_queues().map(|_| ());
         self.cdev = None;
         if r.is_err() {

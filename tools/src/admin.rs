@@ -175,3 +175,34 @@ pub fn features(json: bool) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `quiesce -n ID`: QUIESCE_DEV, then wait for the serving daemon to exit.
+pub fn quiesce(id: u32, timeout_ms: u64) -> Result<(), CliError> {
+    let mut c = Control::open().map_err(CliError::from)?;
+    let info = c.dev_info(id).map_err(|e| match e.raw_errno() {
+        libc::ENODEV | libc::ENOENT => no_such_device(id),
+        _ => CliError::runtime(e.to_string()),
+    })?;
+    if info.flags & ublk_fast_engine::uapi::UBLK_F_QUIESCE == 0 {
+        return Err(CliError::runtime(format!(
+            "device {id} cannot be quiesced: create it with --recovery (on a driver offering QUIESCE)"
+        )));
+    }
+    c.quiesce_dev(id, timeout_ms).map_err(|e| match e.raw_errno() {
+        libc::EBUSY => CliError::runtime(format!(
+            "device {id}: I/O did not drain within {timeout_ms} ms; nothing changed, try again"
+        )),
+        _ => CliError::runtime(e.to_string()),
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(info.ublksrv_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if process_alive(info.ublksrv_pid) {
+        return Err(CliError::runtime(format!(
+            "device {id}: quiesced, but daemon {} has not exited",
+            info.ublksrv_pid
+        )));
+    }
+    Ok(())
+}

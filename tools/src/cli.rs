@@ -49,6 +49,15 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
     },
+    /// Hand a --recovery device over: the kernel parks its I/O and this daemon exits; then
+    /// `ublk-fast recover` starts the new one
+    Quiesce {
+        #[arg(short = 'n', long = "id")]
+        id: u32,
+        /// Give up if the I/O in flight has not drained by then
+        #[arg(long, value_name = "MS", default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Print the ublk driver's features
     Features {
         #[arg(long)]

@@ -169,8 +169,12 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
         }
         if dev.any_queue_ended() {
             // Stopped or deleted from outside (`ublk-fast del`): let go so DEL_DEV can finish.
+            let mut dev = dev;
             let r = dev.release();
-            Record::remove_if_owned(id, rec.pid);
+            // Quiesced (or crashed queues) with --recovery: the record is what `recover` needs.
+            if r.is_err() || !dev.awaits_recovery() {
+                Record::remove_if_owned(id, rec.pid);
+            }
             return r.map_err(|e| CliError::runtime(e.to_string()));
         }
     }

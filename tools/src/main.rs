@@ -188,6 +188,13 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
             let opts = cli.add.merged(opts).merged(target.opts().clone());
             add(opts, target, daemon::Start::Create, argv)
         }
+        Command::Quiesce { id, timeout_ms } => {
+            if !cli.add.is_empty() {
+                return Err(only_for_add("quiesce"));
+            }
+            preflight()?;
+            admin::quiesce(id, timeout_ms)
+        }
         Command::Recover { id, foreground } => {
             if !cli.add.is_empty() {
                 return Err(only_for_add("recover"));

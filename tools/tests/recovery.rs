@@ -165,3 +165,62 @@ fn recover_refuses_what_it_cannot_take_over() {
     dev.del();
     let _ = std::fs::remove_file(f);
 }
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
+    require_driver();
+    if !stdout(&ublk(&["features"])).contains("QUIESCE") {
+        println!("SKIP: this ublk driver does not offer QUIESCE");
+        return;
+    }
+    let f = "/tmp/ublk-fast-it-quiesce.img";
+    sh(&format!("rm -f {f} && truncate -s 64M {f}"));
+    let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
+    let pid = dev.info()["pid"].as_i64().unwrap();
+    let fio = Command::new("fio")
+        .args([
+            "--name=upgrade",
+            &format!("--filename={}", dev.path),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--rate_iops=2000",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+            "--eta=never",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
+    assert!(o.status.success(), "quiesce failed: {}", stderr(&o));
+    assert!(!daemons().contains(&(pid as i32)), "the old daemon still runs after quiesce");
+    wait_state(&dev, "QUIESCED", Duration::from_secs(10));
+    recover(&dev);
+    wait_state(&dev, "LIVE", Duration::from_secs(5));
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio across the hand-over failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    assert_eq!(fio_totals(&v).1, 0);
+    println!("quiesce + recover under load: 32 MiB verified, 0 fio errors");
+    // A device without --recovery cannot be quiesced.
+    let plain = Dev::add(&["null", "--size", "16M"]);
+    check_refused(&format!("{} quiesce -n {}", bin(), plain.id), "cannot be quiesced");
+    plain.del();
+    dev.del();
+    let _ = std::fs::remove_file(f);
+}
