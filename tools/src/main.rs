@@ -145,7 +145,6 @@ fn add(
 
 /// `recover -n ID`: rebuilds the device's target from its record and takes the device over.
 fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
-    preflight()?;
     let path = record::path(id);
     let rec = record::Record::load(id).ok_or_else(|| {
         CliError::runtime(format!(
@@ -182,46 +181,32 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
             "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy/--recovery create devices; they do not apply to `{cmd}`"
         ))
     };
+    // Commands that only look at or act on existing devices take no creation options.
+    let existing = match &cli.cmd {
+        Command::Target(_) | Command::Add { .. } => None,
+        Command::Quiesce { .. } => Some("quiesce"),
+        Command::Recover { .. } => Some("recover"),
+        Command::List { .. } => Some("list"),
+        Command::Del { .. } => Some("del"),
+        Command::Features { .. } => Some("features"),
+    };
+    if let Some(cmd) = existing {
+        if !cli.add.is_empty() {
+            return Err(only_for_add(cmd));
+        }
+        preflight()?;
+    }
     match cli.cmd {
         Command::Target(t) => add(cli.add.merged(t.opts().clone()), t, daemon::Start::Create, argv),
         Command::Add { opts, target } => {
             let opts = cli.add.merged(opts).merged(target.opts().clone());
             add(opts, target, daemon::Start::Create, argv)
         }
-        Command::Quiesce { id, timeout_ms } => {
-            if !cli.add.is_empty() {
-                return Err(only_for_add("quiesce"));
-            }
-            preflight()?;
-            admin::quiesce(id, timeout_ms)
-        }
-        Command::Recover { id, foreground } => {
-            if !cli.add.is_empty() {
-                return Err(only_for_add("recover"));
-            }
-            recover(id, foreground)
-        }
-        Command::List { id, json } => {
-            if !cli.add.is_empty() {
-                return Err(only_for_add("list"));
-            }
-            preflight()?;
-            admin::list(id, json)
-        }
-        Command::Del { id, all } => {
-            if !cli.add.is_empty() {
-                return Err(only_for_add("del"));
-            }
-            preflight()?;
-            admin::del(id, all)
-        }
-        Command::Features { json } => {
-            if !cli.add.is_empty() {
-                return Err(only_for_add("features"));
-            }
-            preflight()?;
-            admin::features(json)
-        }
+        Command::Quiesce { id, timeout_ms } => admin::quiesce(id, timeout_ms),
+        Command::Recover { id, foreground } => recover(id, foreground),
+        Command::List { id, json } => admin::list(id, json),
+        Command::Del { id, all } => admin::del(id, all),
+        Command::Features { json } => admin::features(json),
     }
 }
 

@@ -32,6 +32,41 @@ fn recover(dev: &Dev) {
     assert_eq!(stdout(&o).trim(), dev.path);
 }
 
+/// Starts fio writing 32 MiB of crc32c-stamped 4k blocks at a limited rate (so a crash or a
+/// hand-over lands mid-run), then verifying all of it.
+fn spawn_verified_writes(dev: &Dev, name: &str) -> std::process::Child {
+    Command::new("fio")
+        .args([
+            &format!("--name={name}"),
+            &format!("--filename={}", dev.path),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--rate_iops=2000",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+            "--eta=never",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for that fio: it must succeed with no errors.
+fn expect_clean_fio(fio: std::process::Child, what: &str) {
+    let out = fio.wait_with_output().unwrap();
+    assert!(out.status.success(), "fio across the {what} failed: {}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    assert_eq!(fio_totals(&v).1, 0);
+}
+
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
@@ -40,28 +75,7 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
         sh(&format!("rm -f {f} && truncate -s 64M {f}"));
         let dev = Dev::add(&["loop", &f, "-q", "2", "--recovery=reissue", "--zero-copy", zc]);
         let pid = dev.info()["pid"].as_i64().unwrap();
-        // fio writes 32 MiB (rate-limited so the crash lands mid-run), then verifies it all.
-        let fio = Command::new("fio")
-            .args([
-                "--name=crash",
-                &format!("--filename={}", dev.path),
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=32M",
-                "--rate_iops=2000",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output-format=json",
-                "--eta=never",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let fio = spawn_verified_writes(&dev, "crash");
         std::thread::sleep(Duration::from_millis(1500));
         kill9(pid);
         wait_state(&dev, "QUIESCED", Duration::from_secs(20));
@@ -69,16 +83,7 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
         wait_state(&dev, "LIVE", Duration::from_secs(5));
         let new_pid = dev.info()["pid"].as_i64().unwrap();
         assert_ne!(new_pid, pid);
-        let out = fio.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "fio across the crash failed: {}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        let text = stdout(&out);
-        let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
-        assert_eq!(fio_totals(&v).1, 0);
+        expect_clean_fio(fio, "crash");
         println!(
             "zero copy {zc}: daemon {pid} killed mid-write, {new_pid} took over, 32 MiB verified"
         );
@@ -178,27 +183,7 @@ fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
     sh(&format!("rm -f {f} && truncate -s 64M {f}"));
     let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
     let pid = dev.info()["pid"].as_i64().unwrap();
-    let fio = Command::new("fio")
-        .args([
-            "--name=upgrade",
-            &format!("--filename={}", dev.path),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=32M",
-            "--rate_iops=2000",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--output-format=json",
-            "--eta=never",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let fio = spawn_verified_writes(&dev, "upgrade");
     std::thread::sleep(Duration::from_millis(1500));
     let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
     assert!(o.status.success(), "quiesce failed: {}", stderr(&o));
@@ -206,16 +191,7 @@ fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
     wait_state(&dev, "QUIESCED", Duration::from_secs(10));
     recover(&dev);
     wait_state(&dev, "LIVE", Duration::from_secs(5));
-    let out = fio.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio across the hand-over failed: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let text = stdout(&out);
-    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
-    assert_eq!(fio_totals(&v).1, 0);
+    expect_clean_fio(fio, "hand-over");
     println!("quiesce + recover under load: 32 MiB verified, 0 fio errors");
     // A device without --recovery cannot be quiesced.
     let plain = Dev::add(&["null", "--size", "16M"]);
