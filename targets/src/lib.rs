@@ -1,7 +1,9 @@
 //! ublk-fast targets, one module each.
 
+pub mod fault;
 pub mod loop_target;
 pub mod null;
 
+pub use fault::{FaultSpec, FaultTarget};
 pub use loop_target::{LoopOptions, LoopTarget};
 pub use null::NullTarget;

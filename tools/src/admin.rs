@@ -27,6 +27,8 @@ pub struct DevRow {
     pub target: Option<String>,
     pub args: Vec<String>,
     pub flags: Vec<String>,
+    /// How the serving daemon set its queues up.
+    pub setup: Option<String>,
     /// The daemon's counters summed over its queues (absent if it publishes none).
     pub stats: Option<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -43,7 +45,7 @@ fn stats(id: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
     )
 }
 
-fn no_such_device(id: u32) -> CliError {
+pub fn no_such_device(id: u32) -> CliError {
     CliError::runtime(format!("no ublk device with id {id} (see `ublk-fast list`)"))
 }
 
@@ -67,6 +69,7 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         size_bytes: params.basic.dev_sectors << 9,
         max_io_bytes: info.max_io_buf_bytes,
         target: rec.as_ref().map(|r| r.target.clone()),
+        setup: rec.as_ref().map(|r| r.setup.clone()),
         args: rec.map(|r| r.args).unwrap_or_default(),
         flags: feature_names(info.flags),
         stats: stats(id),

@@ -88,11 +88,25 @@ pub struct AddOpts {
     #[arg(long, value_name = "MODE")]
     pub zero_copy: Option<ZeroCopyArg>,
     /// Let the device outlive this daemon: `ublk-fast recover` takes it over [MODE: requeue]
-    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "requeue")]
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "requeue",
+          require_equals = true)]
     pub recovery: Option<RecoveryArg>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9633)
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
+    /// A kernel thread polls the queue rings (shared by all queues) and sleeps after IDLE_MS
+    /// without work [IDLE_MS: 1000]
+    #[arg(long, value_name = "IDLE_MS", num_args = 0..=1, default_missing_value = "1000",
+          require_equals = true,
+          value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub sqpoll: Option<u32>,
+    /// Move request data with reads and writes on /dev/ublkcN (UBLK_F_USER_COPY, Linux 6.5+)
+    /// instead of letting the driver copy it
+    #[arg(long)]
+    pub user_copy: bool,
+    /// Pin the --sqpoll thread to this CPU
+    #[arg(long, value_name = "CPU", requires = "sqpoll")]
+    pub sqpoll_cpu: Option<u32>,
 }
 
 impl AddOpts {
@@ -105,19 +119,44 @@ impl AddOpts {
             && self.metrics.is_none()
             && self.zero_copy.is_none()
             && self.recovery.is_none()
+            && self.sqpoll.is_none()
+            && !self.user_copy
+            && self.sqpoll_cpu.is_none()
     }
 
-    /// `self` with any option `other` sets laid over it.
-    pub fn merged(mut self, other: AddOpts) -> AddOpts {
-        self.cpus = other.cpus.or(self.cpus);
-        self.queues = other.queues.or(self.queues);
-        self.depth = other.depth.or(self.depth);
-        self.id = other.id.or(self.id);
-        self.foreground |= other.foreground;
-        self.metrics = other.metrics.or(self.metrics);
-        self.zero_copy = other.zero_copy.or(self.zero_copy);
-        self.recovery = other.recovery.or(self.recovery);
-        self
+    /// `self` with the options `other` sets laid over it; an option set in both places to
+    /// different values is a conflict, named in the error.
+    pub fn merged(self, other: AddOpts) -> Result<AddOpts, String> {
+        fn one<T: PartialEq + std::fmt::Debug>(
+            name: &str,
+            a: Option<T>,
+            b: Option<T>,
+        ) -> Result<Option<T>, String> {
+            match (a, b) {
+                (Some(a), Some(b)) if a != b => {
+                    let show = |v: &T| format!("{v:?}").trim_matches('"').to_lowercase();
+                    Err(format!(
+                        "{name} is given twice, as {} and {}: give it once",
+                        show(&a),
+                        show(&b)
+                    ))
+                }
+                (a, b) => Ok(b.or(a)),
+            }
+        }
+        Ok(AddOpts {
+            cpus: one("--cpus", self.cpus, other.cpus)?,
+            queues: one("--queues", self.queues, other.queues)?,
+            depth: one("--depth", self.depth, other.depth)?,
+            id: one("--id", self.id, other.id)?,
+            foreground: self.foreground || other.foreground,
+            user_copy: self.user_copy || other.user_copy,
+            metrics: one("--metrics", self.metrics, other.metrics)?,
+            zero_copy: one("--zero-copy", self.zero_copy, other.zero_copy)?,
+            recovery: one("--recovery", self.recovery, other.recovery)?,
+            sqpoll: one("--sqpoll", self.sqpoll, other.sqpoll)?,
+            sqpoll_cpu: one("--sqpoll-cpu", self.sqpoll_cpu, other.sqpoll_cpu)?,
+        })
     }
 }
 
@@ -170,6 +209,87 @@ pub enum TargetCmd {
     Null(NullArgs),
     /// Serve a file or block device
     Loop(LoopArgs),
+    /// Another target with injected faults: fail and/or delay every Nth request of an op
+    Fault(FaultArgs),
+}
+
+/// The targets `fault` can wrap.
+#[derive(Subcommand, Debug, Clone)]
+pub enum InnerTarget {
+    /// Complete every I/O at once; reads return zeros
+    Null(NullArgs),
+    /// Serve a file or block device
+    Loop(LoopArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FaultArgs {
+    #[command(flatten)]
+    pub opts: AddOpts,
+    /// Which requests to count
+    #[arg(long, value_enum, default_value = "any")]
+    pub op: FaultOp,
+    /// Inject into every Nth request of --op (counted per queue)
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub every: u64,
+    /// Fail the request with this error [ERRNO: eio]
+    #[arg(long, value_name = "ERRNO", num_args = 0..=1, default_missing_value = "eio",
+          require_equals = true)]
+    pub fail: Option<FaultErrno>,
+    /// Hold the request this long first
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub delay_ms: Option<u64>,
+    #[command(subcommand)]
+    pub inner: InnerTarget,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    Any,
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+impl FaultOp {
+    pub fn ublk_op(self) -> Option<u8> {
+        use ublk_fast_engine::uapi::*;
+        match self {
+            FaultOp::Any => None,
+            FaultOp::Read => Some(UBLK_IO_OP_READ),
+            FaultOp::Write => Some(UBLK_IO_OP_WRITE),
+            FaultOp::Flush => Some(UBLK_IO_OP_FLUSH),
+            FaultOp::Discard => Some(UBLK_IO_OP_DISCARD),
+            FaultOp::WriteZeroes => Some(UBLK_IO_OP_WRITE_ZEROES),
+        }
+    }
+}
+
+/// The errors a block device can report distinctly (each maps to its own blk_status).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultErrno {
+    /// I/O error
+    Eio,
+    /// No space left (BLK_STS_NOSPC)
+    Enospc,
+    /// Timed out (BLK_STS_TIMEOUT)
+    Etimedout,
+    /// Medium error (BLK_STS_MEDIUM)
+    Enodata,
+}
+
+impl FaultErrno {
+    pub fn errno(self) -> i32 {
+        match self {
+            FaultErrno::Eio => libc::EIO,
+            FaultErrno::Enospc => libc::ENOSPC,
+            FaultErrno::Etimedout => libc::ETIMEDOUT,
+            FaultErrno::Enodata => libc::ENODATA,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -202,10 +322,15 @@ pub struct LoopArgs {
 }
 
 impl TargetCmd {
-    pub fn opts(&self) -> &AddOpts {
+    /// The device options given after the target name (and, for `fault`, after the inner one).
+    pub fn opts(&self) -> Result<AddOpts, String> {
         match self {
-            TargetCmd::Null(a) => &a.opts,
-            TargetCmd::Loop(a) => &a.opts,
+            TargetCmd::Null(a) => Ok(a.opts.clone()),
+            TargetCmd::Loop(a) => Ok(a.opts.clone()),
+            TargetCmd::Fault(f) => f.opts.clone().merged(match &f.inner {
+                InnerTarget::Null(a) => a.opts.clone(),
+                InnerTarget::Loop(a) => a.opts.clone(),
+            }),
         }
     }
 }

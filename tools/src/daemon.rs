@@ -111,6 +111,10 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
     let Run { cfg, target, metrics, start, argv } = run;
     let cfg = &cfg;
     block_signals();
+    // Before any queue thread exists, so they all inherit the private namespace.
+    if let Some(w) = crate::mountns::isolate() {
+        eprintln!("ublk-fast: warning: {w}");
+    }
     let dev = match start {
         Start::Create => {
             Device::create(cfg, Arc::clone(&target), &mut |id| report(&mut pipe, Report::Added(id)))
@@ -137,6 +141,7 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
         depth: dev.info.queue_depth,
         queue_cpus: dev.queue_cpus.clone(),
         argv,
+        setup: dev.setup.clone(),
     };
     if let Err(e) = rec.save() {
         eprintln!("ublk-fast: warning: cannot write {}: {e}", record::path(id).display());
@@ -157,6 +162,11 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
         report(&mut pipe, Report::Live(id));
         detach_stdio();
         drop(pipe.take());
+        // Into the daemon log.
+        eprintln!(
+            "ublk-fast: dev {id}: {} queues x depth {}: {}",
+            cfg.queues, cfg.depth, dev.setup
+        );
     } else {
         println!("/dev/ublkb{id}");
         let _ = std::io::stdout().flush();

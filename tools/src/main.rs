@@ -4,20 +4,24 @@ mod admin;
 mod cli;
 mod daemon;
 mod metrics;
+mod mountns;
 mod record;
 mod size;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::Parser;
 use ublk_fast_engine::cpus::{online_cpus, parse_cpu_list};
 use ublk_fast_engine::ctrl::CONTROL_PATH;
 use ublk_fast_engine::device::DeviceConfig;
+use ublk_fast_engine::ring::SqPoll;
 use ublk_fast_engine::target::Target;
-use ublk_fast_targets::{LoopOptions, LoopTarget, NullTarget};
+use ublk_fast_engine::uapi::UBLK_S_DEV_LIVE;
+use ublk_fast_targets::{FaultSpec, FaultTarget, LoopOptions, LoopTarget, NullTarget};
 
-use cli::{AddOpts, Cli, Command, TargetCmd};
+use cli::{AddOpts, Cli, Command, FaultArgs, InnerTarget, LoopArgs, NullArgs, TargetCmd};
 
 /// A one-line message and the exit status that goes with it.
 #[derive(Debug)]
@@ -66,29 +70,53 @@ fn preflight() -> Result<(), CliError> {
     Ok(())
 }
 
+fn null_target(a: &NullArgs) -> Result<Arc<dyn Target>, CliError> {
+    let size =
+        size::parse_size(&a.size).map_err(|m| CliError::usage(format!("null --size: {m}")))?;
+    if size == 0 || size % 512 != 0 {
+        return Err(CliError::usage(format!(
+            "null --size {}: must be a non-zero multiple of 512 bytes",
+            a.size
+        )));
+    }
+    Ok(Arc::new(NullTarget::new(size)?))
+}
+
+fn loop_target(a: &LoopArgs) -> Result<Arc<dyn Target>, CliError> {
+    let opts = LoopOptions {
+        buffered: a.buffered,
+        read_only: a.read_only,
+        block_size: a.block_size,
+        discard: !a.no_discard,
+    };
+    let t = LoopTarget::open(&a.path, &opts).map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(Arc::new(t))
+}
+
+fn fault_target(f: &FaultArgs) -> Result<Arc<dyn Target>, CliError> {
+    if f.fail.is_none() && f.delay_ms.is_none() {
+        return Err(CliError::usage(
+            "fault: nothing to inject: give --fail[=ERRNO] and/or --delay-ms MS",
+        ));
+    }
+    let inner = match &f.inner {
+        InnerTarget::Null(a) => null_target(a)?,
+        InnerTarget::Loop(a) => loop_target(a)?,
+    };
+    let spec = FaultSpec {
+        op: f.op.ublk_op(),
+        every: f.every,
+        errno: f.fail.map(|e| e.errno()),
+        delay: Duration::from_millis(f.delay_ms.unwrap_or(0)),
+    };
+    Ok(Arc::new(FaultTarget::new(inner, spec)))
+}
+
 fn build_target(t: &TargetCmd) -> Result<Arc<dyn Target>, CliError> {
     match t {
-        TargetCmd::Null(a) => {
-            let size = size::parse_size(&a.size)
-                .map_err(|m| CliError::usage(format!("null --size: {m}")))?;
-            if size == 0 || size % 512 != 0 {
-                return Err(CliError::usage(format!(
-                    "null --size {}: must be a non-zero multiple of 512 bytes",
-                    a.size
-                )));
-            }
-            Ok(Arc::new(NullTarget::new(size)?))
-        }
-        TargetCmd::Loop(a) => {
-            let opts = LoopOptions {
-                buffered: a.buffered,
-                read_only: a.read_only,
-                block_size: a.block_size,
-                discard: !a.no_discard,
-            };
-            let t = LoopTarget::open(&a.path, &opts).map_err(|e| CliError::usage(e.to_string()))?;
-            Ok(Arc::new(t))
-        }
+        TargetCmd::Null(a) => null_target(a),
+        TargetCmd::Loop(a) => loop_target(a),
+        TargetCmd::Fault(f) => fault_target(f),
     }
 }
 
@@ -121,6 +149,16 @@ fn add(
             cpus
         }
     };
+    if let Some(c) = opts.sqpoll_cpu {
+        if !online.contains(&(c as usize)) {
+            return Err(CliError::usage(format!("--sqpoll-cpu {c}: CPU {c} is not online")));
+        }
+    }
+    if opts.sqpoll_cpu.is_some() && opts.sqpoll.is_none() {
+        return Err(CliError::usage("--sqpoll-cpu needs --sqpoll"));
+    }
+    let sqpoll =
+        opts.sqpoll.map(|idle_ms| SqPoll { idle_ms, cpu: opts.sqpoll_cpu, attach_to: None });
     let queues = opts.queues.unwrap_or(cpus.len().min(4096) as u16);
     let depth = opts.depth.unwrap_or(128);
     let metrics = opts.metrics.as_deref().map(metrics::bind).transpose()?;
@@ -134,6 +172,8 @@ fn add(
         stats_dir: Some(record::run_dir()),
         zero_copy: opts.zero_copy.unwrap_or_default().into(),
         recovery: opts.recovery.map(Into::into).unwrap_or_default(),
+        sqpoll,
+        user_copy: opts.user_copy,
     };
     let run = daemon::Run { cfg, target, metrics, start, argv };
     if opts.foreground {
@@ -143,8 +183,30 @@ fn add(
     }
 }
 
+/// The creation options from every place they may stand: before the command, after `add`, after
+/// the target name (and after `fault`'s inner target).
+fn creation_opts(
+    top: AddOpts,
+    after_add: Option<AddOpts>,
+    t: &TargetCmd,
+) -> Result<AddOpts, String> {
+    top.merged(after_add.unwrap_or_default())?.merged(t.opts()?)
+}
+
 /// `recover -n ID`: rebuilds the device's target from its record and takes the device over.
 fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
+    let info = ublk_fast_engine::ctrl::Control::open()?
+        .dev_info(id)
+        .map_err(|_| admin::no_such_device(id))?;
+    // A LIVE device whose daemon is alive is served: refuse before touching its files (the
+    // old daemon holds their locks). A dead daemon the kernel has not noticed yet is fine.
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    if info.state == UBLK_S_DEV_LIVE && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0 {
+        return Err(CliError::runtime(format!(
+            "device {id} is LIVE: daemon {} still serves it (to replace it, run `ublk-fast quiesce -n {id}` first)",
+            info.ublksrv_pid
+        )));
+    }
     let path = record::path(id);
     let rec = record::Record::load(id).ok_or_else(|| {
         CliError::runtime(format!(
@@ -159,10 +221,11 @@ fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
             path.display()
         ))
     })?;
+    let bad = |m: String| CliError::runtime(format!("device {id}: {}: {m}", path.display()));
     let (opts, target) = match cli.cmd {
-        Command::Target(t) => (cli.add.merged(t.opts().clone()), t),
+        Command::Target(t) => (creation_opts(cli.add, None, &t).map_err(bad)?, t),
         Command::Add { opts, target } => {
-            (cli.add.merged(opts).merged(target.opts().clone()), target)
+            (creation_opts(cli.add, Some(opts), &target).map_err(bad)?, target)
         }
         _ => {
             return Err(CliError::runtime(format!(
@@ -178,7 +241,7 @@ fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
 fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
     let only_for_add = |cmd: &str| {
         CliError::usage(format!(
-            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy/--recovery create devices; they do not apply to `{cmd}`"
+            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy/--user-copy/--recovery/--sqpoll create devices; they do not apply to `{cmd}`"
         ))
     };
     // Commands that only look at or act on existing devices take no creation options.
@@ -197,9 +260,12 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         preflight()?;
     }
     match cli.cmd {
-        Command::Target(t) => add(cli.add.merged(t.opts().clone()), t, daemon::Start::Create, argv),
+        Command::Target(t) => {
+            let opts = creation_opts(cli.add, None, &t).map_err(CliError::usage)?;
+            add(opts, t, daemon::Start::Create, argv)
+        }
         Command::Add { opts, target } => {
-            let opts = cli.add.merged(opts).merged(target.opts().clone());
+            let opts = creation_opts(cli.add, Some(opts), &target).map_err(CliError::usage)?;
             add(opts, target, daemon::Start::Create, argv)
         }
         Command::Quiesce { id, timeout_ms } => admin::quiesce(id, timeout_ms),
@@ -218,12 +284,20 @@ fn one_line(e: &clap::Error) -> String {
         rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
     let joined = para.join(" ");
     let first = joined.trim_start_matches("error: ");
-    match e.kind() {
-        ErrorKind::InvalidSubcommand => {
-            format!(
-                "{first}: targets are `null` and `loop`, commands `add`, `list`, `del`, `features`"
-            )
-        }
+    // `--recovery reissue`: an optional value must be attached with `=`.
+    let argv: Vec<String> = std::env::args().collect();
+    let optional = ["--recovery", "--sqpoll", "--fail"];
+    let attached = argv
+        .windows(2)
+        .find(|w| optional.contains(&w[0].as_str()) && first.contains(&format!("'{}'", w[1])));
+    match (e.kind(), attached) {
+        (ErrorKind::InvalidSubcommand | ErrorKind::UnknownArgument, Some(w)) => format!(
+            "`{} {}`: write `{}={}` (the value of {} is optional, so it needs `=`)",
+            w[0], w[1], w[0], w[1], w[0]
+        ),
+        (ErrorKind::InvalidSubcommand, None) => format!(
+            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `features`"
+        ),
         _ => format!("{first} (see `ublk-fast --help`)"),
     }
 }

@@ -19,6 +19,9 @@ pub struct Record {
     /// can rebuild the same target.
     #[serde(default)]
     pub argv: Vec<String>,
+    /// How the daemon set its queues up (ring flags, buffers).
+    #[serde(default)]
+    pub setup: String,
 }
 
 pub fn run_dir() -> PathBuf {
@@ -84,6 +87,7 @@ mod tests {
             depth: 64,
             queue_cpus: vec![0, 1],
             argv: vec!["null".into()],
+            setup: "ring DEFER_TASKRUN".into(),
         };
         r.save().unwrap();
         assert_eq!(Record::load(7), Some(r));

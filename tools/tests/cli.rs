@@ -36,6 +36,27 @@ fn bad_input_table() {
         (format!("{b} loop /nonexistent/file"), "no such file"),
         (format!("{b} loop /tmp"), "is a directory"),
         (format!("{b} loop /dev/null"), "neither a regular file nor a block device"),
+        // Conflicting options: the same option twice with different values.
+        (format!("{b} -q 2 null -q 3"), "--queues is given twice, as 2 and 3"),
+        (format!("{b} --zero-copy on add null --zero-copy off"), "--zero-copy is given twice"),
+        (format!("{b} --recovery=reissue null --recovery=fail-io"), "--recovery is given twice"),
+        (format!("{b} recover"), "--id"),
+        (format!("{b} recover -n x"), "invalid value 'x'"),
+        (format!("{b} -q 2 recover -n 1"), "do not apply to `recover`"),
+        (format!("{b} quiesce -n 999"), "no ublk device with id 999"),
+        // The fault target.
+        (format!("{b} fault null"), "nothing to inject"),
+        (format!("{b} fault --fail"), "requires a subcommand"),
+        (format!("{b} fault --every 0 --fail null"), "0 is not in 1..="),
+        (format!("{b} fault --delay-ms 0 null"), "0 is not in 1..=60000"),
+        (format!("{b} fault --fail=bogus null"), "possible values: eio"),
+        (format!("{b} fault --op bogus --fail null"), "possible values: any, read"),
+        (format!("{b} fault --fail loop /nonexistent"), "no such file"),
+        (format!("{b} --recovery reissue null"), "write `--recovery=reissue`"),
+        (format!("{b} null --sqpoll 5"), "write `--sqpoll=5`"),
+        (format!("{b} null --sqpoll-cpu 0"), "--sqpoll"),
+        (format!("{b} null --user-copy --zero-copy=on"), "pick one"),
+        (format!("{b} null --sqpoll --sqpoll-cpu {offline}"), "is not online"),
     ];
     for (cmd, expect) in &cases {
         check_refused(cmd, expect);
