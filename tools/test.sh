@@ -15,6 +15,9 @@ cargo clippy --all-targets --release --quiet -- -D warnings
 step "host unit tests"
 cargo test --release --quiet 2>&1 | grep -v '^$'
 
+step "host micro-benchmarks of the hot path (quick; numbers for the log, not a pass/fail)"
+cargo bench --quiet -p ublk-fast-engine --bench hot_path -- --quick
+
 step "build integration tests"
 cargo test --release --no-run --message-format=json -p ublk-fast 2>/dev/null \
   | python3 -c '

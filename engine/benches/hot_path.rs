@@ -2,11 +2,15 @@
 //! transitions, user_data encoding, building the COMMIT_AND_FETCH SQE, and the counter and
 //! histogram updates. No ublk driver needed: `cargo bench -p ublk-fast-engine`.
 //! Prints ns per operation (best of 5 rounds); compare runs on one machine only.
+//! `-- --quick` runs a tenth of the iterations (what `tools/test.sh` does, so every CI log shows
+//! the numbers).
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
+use ublk_fast_engine::buf::IoBufs;
+use ublk_fast_engine::ring::{self, Enter};
 use ublk_fast_engine::stats::{QueueStats, StatsRegion};
 use ublk_fast_engine::tag::{Kind, Tag, UserData};
 use ublk_fast_engine::uapi::*;
@@ -24,8 +28,10 @@ fn bench(name: &str, iters: u64, mut f: impl FnMut(u64)) {
 }
 
 fn main() {
-    const N: u64 = 5_000_000;
-    bench("user_data encode+decode", N, |i| {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n: u64 = if quick { 500_000 } else { 5_000_000 };
+    let ring_iters = n / 50;
+    bench("user_data encode+decode", n, |i| {
         let u = UserData { tag: i as u16, kind: Kind::Target, sub: 1, gen: (i >> 3) as u16 };
         black_box(UserData::decode(black_box(u.encode())));
     });
@@ -33,14 +39,14 @@ fn main() {
     for t in &mut tags {
         t.fetch();
     }
-    bench("tag deliver+issue+reap+commit", N, |i| {
+    bench("tag deliver+issue+reap+commit", n, |i| {
         let t = &mut tags[(i & 127) as usize];
         let g = t.deliver();
         t.issue();
         black_box(t.reap(g));
         t.commit();
     });
-    bench("COMMIT_AND_FETCH SQE build (zero copy)", N, |i| {
+    bench("COMMIT_AND_FETCH SQE build (zero copy)", n, |i| {
         let cmd = ublksrv_io_cmd { q_id: 0, tag: i as u16, result: 4096, addr: 0 };
         let reg = ublk_auto_buf_reg {
             index: i as u16,
@@ -54,7 +60,7 @@ fn main() {
             .user_data(i);
         black_box(sqe);
     });
-    bench("READ_FIXED SQE build", N, |i| {
+    bench("READ_FIXED SQE build", n, |i| {
         let sqe = opcode::ReadFixed::new(types::Fixed(1), std::ptr::null_mut(), 4096, i as u16)
             .offset(i << 12)
             .build()
@@ -63,11 +69,35 @@ fn main() {
     });
     let stats = StatsRegion::create(None, 1).unwrap();
     let q = stats.queue(0);
-    bench("counters: 2 bumps (single writer)", N, |i| {
+    bench("counters: 2 bumps (single writer)", n, |i| {
         QueueStats::bump(&q.writes, 1);
         QueueStats::bump(&q.written_bytes, black_box(i & 0xfff));
     });
-    bench("latency histogram record", N, |i| {
+    bench("latency histogram record", n, |i| {
         q.lat[1].record(black_box((i * 7919) % 2_000_000), false);
     });
+    // The arena a queue allocates once at start (64 x 512 KiB, copy mode: locked).
+    bench("buffer arena: allocate+lock+free 32 MiB", 20, |_| {
+        black_box(IoBufs::new(64, 512 * 1024, true).unwrap());
+    });
+    // One loop iteration's syscall: submit a batch of 32 NOPs and wait for them, entering the
+    // ring through its registered fd (what the queues do) and through the plain fd.
+    let mut uring = ring::build(64, 128, None).unwrap();
+    let enter = Enter::new(&uring);
+    let round = |uring: &mut io_uring::IoUring, registered: bool| {
+        for k in 0..32 {
+            let sqe = opcode::Nop::new().build().user_data(k);
+            // SAFETY: a NOP points at no memory.
+            unsafe { uring.submission().push(&sqe).unwrap() };
+        }
+        if registered {
+            enter.submit_and_wait(uring, 32).unwrap();
+        } else {
+            uring.submit_and_wait(32).unwrap();
+        }
+        uring.completion().for_each(drop);
+    };
+    bench("batch of 32 NOPs, registered ring fd", ring_iters, |_| round(&mut uring, true));
+    bench("batch of 32 NOPs, plain ring fd", ring_iters, |_| round(&mut uring, false));
+    println!("(NOP lines: one submit+wait of 32; divide by 32 for per I/O)");
 }

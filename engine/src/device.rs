@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::buf::arena_len;
 use crate::cpus::{pin_current_thread, place_queues};
 use crate::ctrl::Control;
 use crate::error::{Error, Result};
 use crate::queue::{Queue, QueueConfig, QueueExit};
+use crate::ring::SqPoll;
 use crate::stats::StatsRegion;
 use crate::target::{Target, TargetParams};
 use crate::uapi::*;
@@ -35,6 +37,10 @@ pub struct DeviceConfig {
     pub zero_copy: ZeroCopy,
     /// What the kernel does with I/O when this daemon dies, until `recover` starts another.
     pub recovery: Recovery,
+    /// Queue rings with SQPOLL, all sharing the first queue's SQ thread.
+    pub sqpoll: Option<SqPoll>,
+    /// UBLK_F_USER_COPY: the server copies request data itself through `/dev/ublkcN`.
+    pub user_copy: bool,
 }
 
 /// `--recovery`: the device outlives its daemon (UBLK_F_USER_RECOVERY*).
@@ -143,6 +149,8 @@ pub struct Device {
     pub zero_copy: bool,
     // Closed after the queue threads are joined (they use its fd).
     cdev: Option<File>,
+    /// How the queues are set up (ring flags, buffers), for the daemon's log.
+    pub setup: String,
 }
 
 fn eventfd() -> Result<OwnedFd> {
@@ -186,10 +194,31 @@ impl Device {
     ) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
-        let zero_copy = cfg.zero_copy.resolve(features, target.supports_zero_copy())?;
+        let zero_copy = if cfg.user_copy {
+            if cfg.zero_copy == ZeroCopy::On {
+                return Err(Error::Invalid(
+                    "--user-copy and --zero-copy=on are two ways to move the data: pick one".into(),
+                ));
+            }
+            if features & UBLK_F_USER_COPY == 0 {
+                return Err(Error::Invalid(
+                    "--user-copy: this kernel's ublk driver does not offer USER_COPY (Linux 6.5+)"
+                        .into(),
+                ));
+            }
+            false
+        } else {
+            cfg.zero_copy.resolve(features, target.supports_zero_copy())?
+        };
+        if !zero_copy {
+            check_memlock(cfg)?;
+        }
         let mut flags = UBLK_F_CMD_IOCTL_ENCODE & features;
         if zero_copy {
             flags |= UBLK_F_AUTO_BUF_REG;
+        }
+        if cfg.user_copy {
+            flags |= UBLK_F_USER_COPY;
         }
         let want = cfg.recovery.flags();
         if want & !features != 0 {
@@ -265,8 +294,15 @@ impl Device {
         }
         let zero_copy = info.flags & UBLK_F_AUTO_BUF_REG != 0;
         // The kernel's geometry wins over the saved configuration.
-        let cfg =
-            DeviceConfig { queues: info.nr_hw_queues, depth: info.queue_depth, ..cfg.clone() };
+        let cfg = DeviceConfig {
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            user_copy: info.flags & UBLK_F_USER_COPY != 0,
+            ..cfg.clone()
+        };
+        if !zero_copy {
+            check_memlock(&cfg)?;
+        }
         let mut dev = Device::new(ctrl, info, features, zero_copy);
         match dev.bring_up(&cfg, target, true) {
             Ok(()) => Ok(dev),
@@ -289,6 +325,7 @@ impl Device {
             stats: None,
             zero_copy,
             cdev: None,
+            setup: String::new(),
         }
     }
 
@@ -328,7 +365,9 @@ impl Device {
         let stats = Arc::new(StatsRegion::create(stats_path.as_deref(), cfg.queues)?);
         self.stats = Some(Arc::clone(&stats));
 
-        let (ready_tx, ready_rx) = mpsc::channel::<(u16, Result<()>)>();
+        let (ready_tx, ready_rx) = mpsc::channel::<(u16, Result<Ready>)>();
+        let mut sqpoll = cfg.sqpoll;
+        let mut ready = 0;
         for q in 0..cfg.queues {
             let stop = eventfd()?;
             let qcfg = QueueConfig {
@@ -341,23 +380,28 @@ impl Device {
                 stop_fd: stop.as_raw_fd(),
                 stats: Arc::clone(&stats),
                 zero_copy: self.zero_copy,
+                sqpoll,
+                user_copy: cfg.user_copy,
             };
             let cpu = self.queue_cpus[usize::from(q)];
             let target = Arc::clone(&target);
-            let ready = ready_tx.clone();
+            let tx = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ublk{id}q{q}"))
-                .spawn(move || queue_main(qcfg, cpu, target, ready))
+                .spawn(move || queue_main(qcfg, cpu, target, tx))
                 .map_err(|e| Error::os("spawn queue thread", e).queue(q))?;
             self.queues.push(QueueThread { stop, handle: Some(handle) });
+            if let (0, Some(p)) = (q, sqpoll.as_mut()) {
+                // The other queues attach to queue 0's SQ thread: wait for its ring.
+                let r = self.wait_ready(&ready_rx)?;
+                p.attach_to = Some(r.ring_fd);
+                ready += 1;
+            }
         }
         drop(ready_tx);
-        for _ in 0..cfg.queues {
-            match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((q, Err(e))) => return Err(e.queue(q).dev(id)),
-                Err(_) => return Err(Error::Invalid("a queue thread died during setup".into())),
-            }
+        while ready < cfg.queues {
+            self.wait_ready(&ready_rx)?;
+            ready += 1;
         }
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
@@ -368,6 +412,20 @@ impl Device {
         }
         self.info = self.ctrl.dev_info(id)?;
         Ok(())
+    }
+
+    /// The next queue's setup report; the first records how queues are set up.
+    fn wait_ready(&mut self, rx: &mpsc::Receiver<(u16, Result<Ready>)>) -> Result<Ready> {
+        match rx.recv() {
+            Ok((_, Ok(r))) => {
+                if self.setup.is_empty() {
+                    self.setup = r.setup.clone();
+                }
+                Ok(r)
+            }
+            Ok((q, Err(e))) => Err(e.queue(q).dev(self.info.dev_id)),
+            Err(_) => Err(Error::Invalid("a queue thread died during setup".into())),
+        }
     }
 
     /// True once any queue thread has ended (the device was stopped or deleted from outside).
@@ -457,11 +515,56 @@ impl Device {
 /// `prctl` option (linux/prctl.h, 5.6+); not exported by the libc crate.
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
+/// A queue thread's report that its ring is up and every tag can be fetched.
+struct Ready {
+    ring_fd: RawFd,
+    setup: String,
+}
+
+/// Without CAP_IPC_LOCK, the locked and registered copy buffers count against RLIMIT_MEMLOCK:
+/// check before creating anything, and name the limit needed.
+fn check_memlock(cfg: &DeviceConfig) -> Result<()> {
+    let need = arena_len(cfg.depth, cfg.max_io_bytes) as u64 * u64::from(cfg.queues);
+    if has_cap_ipc_lock() {
+        return Ok(());
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(());
+    }
+    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
+        return Err(Error::Invalid(format!(
+            "RLIMIT_MEMLOCK is {} KiB but {} queues x depth {} of copy buffers need {} KiB locked: \
+             raise it (ulimit -l {}, or LimitMEMLOCK= for a service), lower --depth/--queues, or use \
+             --zero-copy",
+            lim.rlim_cur >> 10,
+            cfg.queues,
+            cfg.depth,
+            need >> 10,
+            need.div_ceil(1024)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether this process may lock memory without limit (CAP_IPC_LOCK in its effective set).
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
 fn queue_main(
     cfg: QueueConfig,
     cpu: usize,
     target: Arc<dyn Target>,
-    ready: mpsc::Sender<(u16, Result<()>)>,
+    ready: mpsc::Sender<(u16, Result<Ready>)>,
 ) -> Result<QueueExit> {
     let q = cfg.q;
     let setup = || -> Result<Queue> {
@@ -474,7 +577,7 @@ fn queue_main(
     };
     let mut queue = match setup() {
         Ok(qu) => {
-            let _ = ready.send((q, Ok(())));
+            let _ = ready.send((q, Ok(Ready { ring_fd: qu.ring_fd(), setup: qu.describe() })));
             qu
         }
         Err(e) => {

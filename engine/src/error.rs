@@ -14,7 +14,12 @@ pub struct Where {
 #[derive(Debug)]
 pub enum Error {
     /// A system call or ublk command failed: `op` names it, `source` carries the errno.
-    Os { op: &'static str, at: Where, source: io::Error, hint: Option<&'static str> },
+    Os {
+        op: &'static str,
+        at: Where,
+        source: io::Error,
+        hint: Option<std::borrow::Cow<'static, str>>,
+    },
     /// The request or configuration cannot work; the message says what to change.
     Invalid(String),
 }
@@ -49,9 +54,9 @@ impl Error {
         self
     }
 
-    pub fn hint(mut self, h: &'static str) -> Self {
+    pub fn hint(mut self, h: impl Into<std::borrow::Cow<'static, str>>) -> Self {
         if let Error::Os { hint, .. } = &mut self {
-            *hint = Some(h);
+            *hint = Some(h.into());
         }
         self
     }

@@ -7,6 +7,7 @@ pub mod ctrl;
 pub mod device;
 pub mod error;
 pub mod queue;
+pub mod ring;
 pub mod stats;
 pub mod tag;
 pub mod target;

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::buf::IoBufs;
-use crate::ctrl::ring_setup_error;
 use crate::error::{Error, Result};
+use crate::ring::{self, push_sqe, Enter, SqPoll};
 use crate::stats::{op_index, QueueStats, StatsRegion};
 use crate::tag::{Kind, Tag, TagState, UserData};
 use crate::target::{Flow, QueueHandler, Request, Submit};
@@ -36,6 +36,11 @@ pub struct QueueConfig {
     /// UBLK_F_AUTO_BUF_REG is on: each request's pages are registered at the ring's fixed
     /// buffer index `tag` while it is served.
     pub zero_copy: bool,
+    /// Create the ring with SQPOLL.
+    pub sqpoll: Option<SqPoll>,
+    /// UBLK_F_USER_COPY: the kernel does not copy; this queue moves request data between its
+    /// buffers and the request's pages with reads and writes on `/dev/ublkcN`.
+    pub user_copy: bool,
 }
 
 /// Engine sub-ops (`Kind::Engine`): the stop event, and the manual buffer registration used
@@ -43,6 +48,10 @@ pub struct QueueConfig {
 const ENGINE_STOP: u8 = 0;
 const ENGINE_REG: u8 = 1;
 const ENGINE_UNREG: u8 = 2;
+/// User copy: write data from the request's pages into the tag's buffer, before serving.
+const ENGINE_COPY_IN: u8 = 3;
+/// User copy: read data from the tag's buffer into the request's pages, before committing.
+const ENGINE_COPY_OUT: u8 = 4;
 
 /// The queue's read-only view of the driver's descriptor array for this queue.
 struct DescMap {
@@ -88,43 +97,6 @@ impl Drop for DescMap {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the range mmap returned; no reference into it outlives self.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
-/// Builds the queue ring: the fastest setup flags the kernel accepts.
-fn build_ring(sq: u32, cq: u32) -> Result<IoUring> {
-    let fast = IoUring::builder()
-        .setup_cqsize(cq)
-        .setup_coop_taskrun()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(sq);
-    match fast {
-        Ok(r) => Ok(r),
-        // Older kernels (< 6.1) reject DEFER_TASKRUN / SINGLE_ISSUER: use a plain ring.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            IoUring::builder().setup_cqsize(cq).build(sq).map_err(ring_setup_error)
-        }
-        Err(e) => Err(ring_setup_error(e)),
-    }
-}
-
-/// Pushes one SQE, submitting first if the queue is full.
-///
-/// # Safety
-/// Whatever `sqe` points at must stay valid until its CQE is reaped.
-unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) {
-    loop {
-        // SAFETY: forwarded from the caller.
-        if unsafe { ring.submission().push(sqe) }.is_ok() {
-            return;
-        }
-        match ring.submit() {
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
-            Err(e) => panic!("io_uring_enter failed while the submission queue is full: {e}"),
-        }
     }
 }
 
@@ -185,6 +157,7 @@ pub struct Queue {
     // Drop order matters: the ring goes first, cancelling every ublk command and backend op that
     // still points into the descriptor map and the buffers declared after it.
     ring: IoUring,
+    enter: Enter,
     desc: DescMap,
     bufs: IoBufs,
     handler: Box<dyn QueueHandler>,
@@ -204,6 +177,8 @@ pub struct Queue {
     /// The tag's buffer was registered by us (auto registration fell back), so we unregister it
     /// before the commit.
     manual_reg: Vec<bool>,
+    /// User copy: the result a READ commits once its data is copied out.
+    copy_out_res: Vec<i32>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -221,7 +196,8 @@ impl Queue {
         // Room for one ublk command plus a backend op per tag, with headroom for resubmits.
         let sq = (u32::from(depth) * 2).next_power_of_two();
         let cq = sq * 2;
-        let ring = build_ring(sq, cq).map_err(|e| e.queue(cfg.q))?;
+        let ring = ring::build(sq, cq, cfg.sqpoll).map_err(|e| e.queue(cfg.q))?;
+        let enter = Enter::new(&ring);
         let mut fds = Vec::with_capacity(1 + cfg.files.len());
         fds.push(cfg.cdev_fd);
         fds.extend_from_slice(&cfg.files);
@@ -229,12 +205,22 @@ impl Queue {
             .register_files(&fds)
             .map_err(|e| Error::os("register files", e).queue(cfg.q))?;
         let desc = DescMap::new(cfg.cdev_fd, cfg.q, depth).map_err(|e| e.dev(cfg.dev_id))?;
-        let bufs = IoBufs::new(depth, cfg.max_io_bytes).map_err(|e| e.queue(cfg.q))?;
+        // Zero copy never moves data through these buffers: leave them unlocked and untouched.
+        let bufs =
+            IoBufs::new(depth, cfg.max_io_bytes, !cfg.zero_copy).map_err(|e| e.queue(cfg.q))?;
         if cfg.zero_copy {
             // The table the driver registers each request's pages into (index = tag).
             ring.submitter()
                 .register_buffers_sparse(u32::from(depth))
                 .map_err(|e| Error::os("register sparse buffer table", e).queue(cfg.q))?;
+        } else {
+            // SAFETY: the iovecs cover the tags' buffers in `bufs`, which the Queue owns and
+            // drops after the ring (field order), so the registration never outlives them.
+            unsafe { ring.submitter().register_buffers(&bufs.iovecs()) }.map_err(|e| {
+                Error::os("register I/O buffers", e).queue(cfg.q).hint(
+                    "registered buffers count against RLIMIT_MEMLOCK: raise it (ulimit -l) or lower --depth",
+                )
+            })?;
         }
         let reqs = (0..depth)
             .map(|tag| Request {
@@ -243,10 +229,12 @@ impl Queue {
                 buf: bufs.ptr(tag),
                 buf_len: bufs.per_tag(),
                 buf_index: cfg.zero_copy.then_some(tag),
+                buf_reg: (!cfg.zero_copy).then_some(tag),
             })
             .collect();
         Ok(Queue {
             ring,
+            enter,
             desc,
             bufs,
             handler,
@@ -261,13 +249,42 @@ impl Queue {
             requests: 0,
             start_ns: vec![0; usize::from(depth)],
             manual_reg: vec![false; usize::from(depth)],
+            copy_out_res: vec![0; usize::from(depth)],
             now_ns: monotonic_ns(),
         })
     }
 
+    /// The ring's fd (for other queues to share its SQPOLL thread).
+    pub fn ring_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+
+    /// How the queue is set up, for the daemon's log.
+    pub fn describe(&self) -> String {
+        let b = &self.bufs;
+        let bufs = if self.cfg.zero_copy {
+            "zero copy (request pages registered per I/O)".to_string()
+        } else {
+            format!(
+                "{} buffers {} MiB on {}{}, registered",
+                if self.cfg.user_copy { "user copy" } else { "copy" },
+                (b.per_tag() * usize::from(self.cfg.depth)) >> 20,
+                b.backing().describe(),
+                if b.locked() { ", locked" } else { "" }
+            )
+        };
+        format!(
+            "ring {}{}; {bufs}",
+            if self.cfg.sqpoll.is_some() { "SQPOLL" } else { "DEFER_TASKRUN" },
+            if self.enter.registered() { ", ring fd registered" } else { "" },
+        )
+    }
+
     fn push_ublk(&mut self, tag: u16, op: u32, result: i32) {
         let zc = self.cfg.zero_copy;
-        let addr = if zc { 0 } else { self.bufs.ptr(tag) as u64 };
+        // Zero copy and user copy: the kernel copies nothing, so it gets no buffer address.
+        let addr = if zc || self.cfg.user_copy { 0 } else { self.bufs.ptr(tag) as u64 };
         let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr };
         let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
@@ -305,6 +322,27 @@ impl Queue {
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
         // SAFETY: the command is copied into the SQE and points at no memory of ours.
         unsafe { push_sqe(&mut self.ring, &sqe) };
+    }
+
+    /// User copy: moves `len` bytes between the tag's buffer and its request's pages through
+    /// `/dev/ublkcN` (in for ENGINE_COPY_IN, out for ENGINE_COPY_OUT).
+    fn push_user_copy(&mut self, tag: u16, sub: u8, len: u32) {
+        let off = user_copy_offset(self.cfg.q, tag, 0);
+        let buf = self.bufs.ptr(tag);
+        let cdev = types::Fixed(CDEV_FIXED);
+        let t = &mut self.tags[usize::from(tag)];
+        t.issue();
+        self.backend_inflight += 1;
+        let ud = UserData { tag, kind: Kind::Engine, sub, gen: t.gen };
+        let sqe = if sub == ENGINE_COPY_IN {
+            opcode::ReadFixed::new(cdev, buf, len, tag).offset(off).build()
+        } else {
+            opcode::WriteFixed::new(cdev, buf, len, tag).offset(off).build()
+        };
+        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        // SAFETY: `buf..buf+len` is the tag's registered buffer (len <= max I/O size, checked
+        // by the driver against the request), owned by `self.bufs`, which outlives the ring.
+        unsafe { push_sqe(&mut self.ring, &sqe.user_data(ud.encode())) };
     }
 
     /// Runs the target's handler with the ring's submission side.
@@ -352,7 +390,7 @@ impl Queue {
             }
             let stats = self.cfg.stats.queue(self.cfg.q);
             QueueStats::bump(&stats.ring_enters, 1);
-            match self.ring.submit_and_wait(1) {
+            match self.enter.submit_and_wait(&mut self.ring, 1) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -404,6 +442,25 @@ impl Queue {
             }
             // Its failure leaves nothing to undo; the commit linked behind it reports.
             Kind::Engine if ud.sub == ENGINE_UNREG => {}
+            Kind::Engine if ud.sub == ENGINE_COPY_IN || ud.sub == ENGINE_COPY_OUT => {
+                if !self.tags[usize::from(tag)].reap(ud.gen) {
+                    debug_assert!(false, "stale user-copy CQE for tag {tag}");
+                    return;
+                }
+                self.backend_inflight -= 1;
+                let want = if ud.sub == ENGINE_COPY_IN {
+                    self.reqs[usize::from(tag)].bytes() as i32
+                } else {
+                    self.copy_out_res[usize::from(tag)]
+                };
+                let short = if res < 0 { res } else { -libc::EIO };
+                match (ud.sub, res == want) {
+                    (ENGINE_COPY_IN, true) => self.start_request(tag),
+                    (ENGINE_COPY_IN, false) => self.settle(tag, Flow::Done(short)),
+                    (_, true) => self.commit(tag, want),
+                    (_, false) => self.commit(tag, short),
+                }
+            }
             Kind::Engine => {
                 self.stopping = true;
                 // Drain the eventfd so a later poll does not fire again at once.
@@ -435,6 +492,10 @@ impl Queue {
                         self.tags[usize::from(tag)].issue();
                         self.backend_inflight += 1;
                         self.push_buf_cmd(tag, ENGINE_REG, false);
+                    } else if self.cfg.user_copy && desc.op() == UBLK_IO_OP_WRITE {
+                        // Fetch the data to write into our buffer first.
+                        let len = self.reqs[usize::from(tag)].bytes() as u32;
+                        self.push_user_copy(tag, ENGINE_COPY_IN, len);
                     } else {
                         self.start_request(tag);
                     }
@@ -479,6 +540,19 @@ impl Queue {
             }
             Flow::Done(r) => r,
         };
+        let read = self.reqs[usize::from(tag)].desc.op() == UBLK_IO_OP_READ;
+        if self.cfg.user_copy && read && res > 0 {
+            // Hand the data read to the request's pages, then commit.
+            self.copy_out_res[usize::from(tag)] = res;
+            self.push_user_copy(tag, ENGINE_COPY_OUT, res as u32);
+            return;
+        }
+        self.commit(tag, res);
+    }
+
+    /// Records the finished request and commits it with `res` (and fetches the tag's next one).
+    fn commit(&mut self, tag: u16, res: i32) {
+        let t = &mut self.tags[usize::from(tag)];
         t.commit();
         let stats = self.cfg.stats.queue(self.cfg.q);
         QueueStats::drop_one(&stats.io_now);

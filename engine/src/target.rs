@@ -49,6 +49,9 @@ pub struct Request {
     /// Zero copy: the request's own pages are the ring's fixed buffer at this index, addressed
     /// from 0; backend I/O must use READ_FIXED/WRITE_FIXED on it, and `buf` is not used.
     pub buf_index: Option<u16>,
+    /// Copy mode: `buf` is registered as the ring's fixed buffer at this index, so backend I/O
+    /// can use READ_FIXED/WRITE_FIXED with `buf` as the address (no page pinning per I/O).
+    pub buf_reg: Option<u16>,
 }
 
 impl Request {

@@ -343,6 +343,18 @@ impl LoopQueue {
                         .build()
                 }
             }
+            None if req.buf_reg.is_some() => {
+                let idx = req.buf_reg.unwrap_or_default();
+                let buf = req.buf.wrapping_add(done as usize);
+                if read {
+                    opcode::ReadFixed::new(BACKING, buf, len, idx).offset(off).build()
+                } else {
+                    opcode::WriteFixed::new(BACKING, buf, len, idx)
+                        .offset(off)
+                        .rw_flags(rw_flags)
+                        .build()
+                }
+            }
             None => {
                 let buf = req.buf.wrapping_add(done as usize);
                 if read {
@@ -353,8 +365,8 @@ impl LoopQueue {
             }
         };
         // SAFETY: copy mode: `buf..buf+len` lies inside the tag's buffer (bytes() <= buf_len was
-        // checked when the request started), which the engine keeps alive and unused until we
-        // commit. Zero copy: the fixed buffer is the request's pages, registered by the driver
+        // checked when the request started), which the engine keeps alive (and registered, with
+        // buf_reg) and unused until we commit. Zero copy: the fixed buffer is the request's pages, registered by the driver
         // until the commit, and `done..done+len` lies inside the request.
         unsafe { io.push(req, sub::RW, sqe) };
     }

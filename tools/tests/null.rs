@@ -11,14 +11,14 @@ use common::*;
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn null_device_has_its_size_and_reads_zeros() {
-    for zc in ["auto", "off"] {
-        null_size_and_zeros(zc);
+    for mode in ["--zero-copy=auto", "--zero-copy=off", "--user-copy"] {
+        null_size_and_zeros(mode);
     }
 }
 
-fn null_size_and_zeros(zc: &str) {
-    let dev = Dev::add(&["null", "--size", "1G", "-q", "1", "--zero-copy", zc]);
-    println!("zero copy {zc}: {}", if uses_zero_copy(&dev) { "on" } else { "off" });
+fn null_size_and_zeros(mode: &str) {
+    let dev = Dev::add(&["null", "--size", "1G", "-q", "1", mode]);
+    println!("{mode}: {}", dev.info()["setup"]);
     assert_eq!(sh(&format!("blockdev --getsize64 {}", dev.path)).trim(), "1073741824");
     // Dirty the tag buffers with a write first: null reads must still return zeros.
     sh(&format!("head -c 4M /dev/urandom | dd of={} bs=1M oflag=direct status=none", dev.path));
@@ -50,8 +50,17 @@ fn null_size_and_zeros(zc: &str) {
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn fio_on_null_with_one_and_two_queues() {
-    for (q, zc) in [("1", "auto"), ("2", "auto"), ("2", "off")] {
-        let dev = Dev::add(&["null", "--size", "1G", "-q", q, "--zero-copy", zc]);
+    for (q, zc, more) in [
+        ("1", "auto", ""),
+        ("2", "auto", ""),
+        ("2", "off", ""),
+        ("2", "auto", "--sqpoll"),
+        ("2", "off", "--sqpoll"),
+        ("2", "off", "--user-copy"),
+    ] {
+        let mut args = vec!["null", "--size", "1G", "-q", q, "--zero-copy", zc];
+        args.extend(more.split_whitespace());
+        let dev = Dev::add(&args);
         let r = fio(&[
             "--name=null",
             &format!("--filename={}", dev.path),
@@ -66,7 +75,7 @@ fn fio_on_null_with_one_and_two_queues() {
             "--group_reporting",
         ]);
         let (ios, errs) = fio_totals(&r);
-        println!("queues={q} zero-copy={zc}: {ios} I/Os in 3 s");
+        println!("queues={q} zero-copy={zc} {more}: {ios} I/Os in 3 s");
         assert!(ios > 1000, "too few I/Os: {ios}");
         assert_eq!(errs, 0);
         assert!(dev.stat("reads") > 0 && dev.stat("writes") > 0);
