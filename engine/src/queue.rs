@@ -334,14 +334,16 @@ impl Queue {
         t.issue();
         self.backend_inflight += 1;
         let ud = UserData { tag, kind: Kind::Engine, sub, gen: t.gen };
+        // Plain READ/WRITE: the driver accepts only user-backed memory here (a fixed buffer's
+        // bvec iterator gets EACCES).
         let sqe = if sub == ENGINE_COPY_IN {
-            opcode::ReadFixed::new(cdev, buf, len, tag).offset(off).build()
+            opcode::Read::new(cdev, buf, len).offset(off).build()
         } else {
-            opcode::WriteFixed::new(cdev, buf, len, tag).offset(off).build()
+            opcode::Write::new(cdev, buf, len).offset(off).build()
         };
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
-        // SAFETY: `buf..buf+len` is the tag's registered buffer (len <= max I/O size, checked
-        // by the driver against the request), owned by `self.bufs`, which outlives the ring.
+        // SAFETY: `buf..buf+len` is the tag's buffer (len <= max I/O size, checked by the
+        // driver against the request), owned by `self.bufs`, which outlives the ring.
         unsafe { push_sqe(&mut self.ring, &sqe.user_data(ud.encode())) };
     }
 

@@ -81,7 +81,7 @@ fn spawn_stateful_writes(dev: &Dev, dir: &str) -> std::process::Child {
             "--bs=4k",
             "--iodepth=16",
             "--size=64M",
-            "--rate_iops=2000",
+            "--rate_iops=1000",
             "--verify=crc32c",
             "--do_verify=0",
             "--verify_state_save=1",
@@ -132,15 +132,10 @@ fn fio_outcome(fio: std::process::Child) -> (bool, String, u64) {
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
-    // (recovery mode, queues, zero copy, kill/recover cycles in a row)
-    let cases = [
-        ("reissue", "2", "auto", 5),
-        ("reissue", "1", "off", 1),
-        ("requeue", "1", "auto", 1),
-        ("requeue", "2", "off", 1),
-        ("fail-io", "2", "auto", 1),
-        ("fail-io", "1", "off", 1),
-    ];
+    // (recovery mode, queues, zero copy, kill/recover cycles in a row). Only reissue: the
+    // other modes fail some writes, and fio's saved verify state counts a failed write as
+    // written; `failing_modes_lose_no_acknowledged_write` covers them with its own bookkeeping.
+    let cases = [("reissue", "2", "auto", 5), ("reissue", "1", "off", 1)];
     let mut total = 0;
     for (mode, queues, zc, cycles) in cases {
         let f = format!("/tmp/ublk-fast-it-recover-{mode}-{queues}-{zc}.img");
@@ -151,31 +146,22 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
         for cycle in 1..=cycles {
             let pid = dev.info()["pid"].as_i64().unwrap();
             let mut fio = spawn_stateful_writes(&dev, &dir);
-            // Kill once the writer has written for a while, but long before it is done.
-            let t = Instant::now();
-            while dev.stat("writes") < 1000 && t.elapsed() < Duration::from_secs(20) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let before = dev.stat("writes");
+            std::thread::sleep(Duration::from_secs(3));
             assert!(fio.try_wait().unwrap().is_none(), "the writer ended before the kill");
             kill9(pid);
+            // The dead daemon's counters stay readable until the next one starts: the kill
+            // must have landed mid-run.
+            let before = dev.stat("writes");
+            assert!(before > 0 && before < 12_000, "killed after {before} of 16384 writes");
             let want = if mode == "fail-io" { "FAIL_IO" } else { "QUIESCED" };
             wait_state(&dev, want, Duration::from_secs(20));
             recover(&dev);
             wait_state(&dev, "LIVE", Duration::from_secs(5));
             assert_ne!(dev.info()["pid"].as_i64().unwrap(), pid);
             let (ok, errs, written) = fio_outcome(fio);
-            // Reissue hides the crash from the writer; fail-io fails the I/O of the gap;
-            // requeue fails only what was in flight at the crash, if anything was.
-            match mode {
-                "reissue" => {
-                    assert!(ok, "fio failed across a reissue crash: {errs}");
-                    assert_eq!(written, 64 << 20);
-                }
-                "fail-io" => assert!(!ok, "no write failed while no daemon ran (fail-io)"),
-                _ => {}
-            }
-            assert!(written >= before * 4096 - (16 << 12), "fio acknowledged less than we served");
+            // Reissue hides the crash from the writer.
+            assert!(ok, "fio failed across a reissue crash: {errs}");
+            assert_eq!(written, 64 << 20);
             let verified = verify_acknowledged(&dev, &dir);
             assert!(verified > 0, "nothing was acknowledged before the crash");
             total += verified;
@@ -193,6 +179,147 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("kill -9 / recover: {} MiB verified in all", total >> 20);
+}
+
+/// The content of block `blk` as written in round `round`: unique per (round, block).
+fn pattern(round: u64, blk: u64, out: &mut [u8]) {
+    for (i, w) in out.chunks_exact_mut(8).enumerate() {
+        // splitmix64 of (round, block, word)
+        let mut z = (round << 40 ^ blk << 12 ^ i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        w.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+}
+
+/// A page-aligned 4 KiB buffer for O_DIRECT.
+struct Block(*mut u8);
+impl Block {
+    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(4096, 4096) {
+        Ok(l) => l,
+        Err(_) => panic!(),
+    };
+    fn new() -> Block {
+        // SAFETY: a non-zero-sized layout.
+        Block(unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) })
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: 4096 bytes allocated in new(), owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.0, 4096) }
+    }
+}
+impl Drop for Block {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.0, Self::LAYOUT) }
+    }
+}
+
+/// Writes every 4 KiB block of `path` once, in a shuffled order, from 8 threads with O_DIRECT,
+/// and returns which writes the device acknowledged (true) or failed (false).
+fn write_all_blocks(path: &str, blocks: u64, round: u64) -> Vec<Option<bool>> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    let mut order: Vec<u64> = (0..blocks).collect();
+    let mut x = round.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    for i in (1..order.len()).rev() {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        order.swap(i, (x >> 33) as usize % (i + 1));
+    }
+    let next = AtomicU64::new(0);
+    let acked = Mutex::new(vec![None; blocks as usize]);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .unwrap();
+                let mut buf = Block::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= blocks {
+                        return;
+                    }
+                    let blk = order[i as usize];
+                    pattern(round, blk, buf.bytes());
+                    let ok = f.write_at(buf.bytes(), blk * 4096).is_ok_and(|n| n == 4096);
+                    acked.lock().unwrap()[blk as usize] = Some(ok);
+                    // About 1000 writes/s in all, so a crash lands mid-run.
+                    std::thread::sleep(Duration::from_millis(8));
+                }
+            });
+        }
+    });
+    acked.into_inner().unwrap()
+}
+
+/// Reads back every acknowledged block and compares it with what was written; returns the
+/// bytes verified.
+fn verify_acked(path: &str, round: u64, acked: &[Option<bool>]) -> u64 {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+    let (mut got, mut want) = (Block::new(), vec![0u8; 4096]);
+    let mut n = 0;
+    for (blk, a) in acked.iter().enumerate() {
+        if *a != Some(true) {
+            continue;
+        }
+        f.read_exact_at(got.bytes(), blk as u64 * 4096).unwrap();
+        pattern(round, blk as u64, &mut want);
+        assert!(got.bytes() == &want[..], "block {blk}: acknowledged write lost after the crash");
+        n += 4096;
+    }
+    n
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn failing_modes_lose_no_acknowledged_write() {
+    let mut total = 0;
+    for (mode, queues, zc) in [
+        ("requeue", "1", "auto"),
+        ("requeue", "2", "off"),
+        ("fail-io", "2", "auto"),
+        ("fail-io", "1", "off"),
+    ] {
+        let f = format!("/tmp/ublk-fast-it-acked-{mode}-{queues}-{zc}.img");
+        sh(&format!("rm -f {f} && truncate -s 32M {f}"));
+        let dev =
+            Dev::add(&["loop", &f, "-q", queues, &format!("--recovery={mode}"), "--zero-copy", zc]);
+        let pid = dev.info()["pid"].as_i64().unwrap();
+        let path = dev.path.clone();
+        let writer = std::thread::spawn(move || write_all_blocks(&path, 8192, 1));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!writer.is_finished(), "the writer ended before the kill");
+        kill9(pid);
+        let before = dev.stat("writes");
+        let want = if mode == "fail-io" { "FAIL_IO" } else { "QUIESCED" };
+        wait_state(&dev, want, Duration::from_secs(20));
+        // Let the writer run into the gap: fail-io fails its writes, requeue holds them.
+        std::thread::sleep(Duration::from_secs(1));
+        recover(&dev);
+        wait_state(&dev, "LIVE", Duration::from_secs(5));
+        let acked = writer.join().unwrap();
+        let ok = acked.iter().filter(|a| **a == Some(true)).count();
+        let failed = acked.iter().filter(|a| **a == Some(false)).count();
+        assert_eq!(ok + failed, 8192);
+        if mode == "fail-io" {
+            assert!(failed > 0, "no write failed while no daemon ran (fail-io)");
+        }
+        let verified = verify_acked(&dev.path, 1, &acked);
+        total += verified;
+        println!(
+            "{mode} q{queues} zero-copy {zc}: killed after {before} writes; {failed} writes \
+             failed, {ok} acknowledged: {} KiB read back identical",
+            verified >> 10
+        );
+        dev.del();
+        let _ = std::fs::remove_file(&f);
+    }
+    println!("failing modes: {} MiB of acknowledged writes verified", total >> 20);
 }
 
 #[test]
