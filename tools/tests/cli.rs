@@ -129,3 +129,63 @@ fn missing_driver_is_refused_with_the_fix() {
         assert!(err.contains("modprobe ublk_drv"), "{err}");
     }
 }
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn memlock_limit_is_checked_before_anything_is_created() {
+    require_driver();
+    // Root without CAP_IPC_LOCK, as in many containers, with a 1 MiB RLIMIT_MEMLOCK.
+    let jail = |args: &str| {
+        format!(
+            "ulimit -l 1024 && exec setpriv --bounding-set=-ipc_lock --inh-caps=-ipc_lock {} {args}",
+            bin()
+        )
+    };
+    check_refused(&jail("null --size 16M -q 1 --zero-copy=off"), "RLIMIT_MEMLOCK is 1024 KiB");
+    check_refused(&jail("null --size 16M -q 1 -d 4 --user-copy"), "need 2048 KiB locked");
+    // Zero copy locks nothing of ours: the same limit is enough.
+    let o = sh_any(&jail("null --size 16M -q 1 --zero-copy=on"));
+    assert!(o.status.success(), "zero copy under a 1 MiB memlock limit: {}", stderr(&o));
+    let path = stdout(&o).trim().to_string();
+    let id = path.trim_start_matches("/dev/ublkb").to_string();
+    sh(&format!("dd if={path} of=/dev/null bs=64k count=16 iflag=direct status=none"));
+    let o = ublk(&["del", "-n", &id]);
+    assert!(o.status.success());
+    println!("1 MiB memlock: copy modes refused with the KiB needed; zero copy serves");
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn copy_buffers_use_hugetlb_pages_when_reserved() {
+    require_driver();
+    let knob = "/proc/sys/vm/nr_hugepages";
+    let old = std::fs::read_to_string(knob).unwrap();
+    // One queue of depth 128 x 512 KiB = 64 MiB = 32 huge pages.
+    std::fs::write(knob, "40").unwrap();
+    let got: u32 = std::fs::read_to_string(knob).unwrap().trim().parse().unwrap();
+    if got < 32 {
+        std::fs::write(knob, old.trim()).unwrap();
+        println!("SKIP: the kernel reserved only {got} of 40 huge pages");
+        return;
+    }
+    let dev = Dev::add(&["null", "--size", "64M", "-q", "1", "--zero-copy=off"]);
+    let setup = dev.info()["setup"].as_str().unwrap().to_string();
+    let free: u32 = sh("awk '/HugePages_Free/{print $2}' /proc/meminfo").trim().parse().unwrap();
+    let r = fio(&[
+        "--name=huge",
+        &format!("--filename={}", dev.path),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randrw",
+        "--bs=128k",
+        "--iodepth=16",
+        "--size=64M",
+    ]);
+    assert_eq!(fio_totals(&r).1, 0);
+    dev.del();
+    let after: u32 = sh("awk '/HugePages_Free/{print $2}' /proc/meminfo").trim().parse().unwrap();
+    std::fs::write(knob, old.trim()).unwrap();
+    assert!(setup.contains("2 MiB hugetlb pages"), "{setup}");
+    assert_eq!(after - free, 32, "the arena's 32 huge pages were not all given back");
+    println!("{setup}; 32 huge pages taken while serving and all returned after del");
+}

@@ -145,13 +145,19 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
             Dev::add(&["loop", &f, "-q", queues, &format!("--recovery={mode}"), "--zero-copy", zc]);
         for cycle in 1..=cycles {
             let pid = dev.info()["pid"].as_i64().unwrap();
+            // This daemon's counters may include the previous cycle's writes.
+            let base = dev.stat("writes");
             let mut fio = spawn_stateful_writes(&dev, &dir);
-            std::thread::sleep(Duration::from_secs(3));
+            // Kill once the writer is well under way (fio can take seconds to start here).
+            let t = Instant::now();
+            while dev.stat("writes") < base + 1000 && t.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(500));
+            }
             assert!(fio.try_wait().unwrap().is_none(), "the writer ended before the kill");
             kill9(pid);
             // The dead daemon's counters stay readable until the next one starts: the kill
             // must have landed mid-run.
-            let before = dev.stat("writes");
+            let before = dev.stat("writes") - base;
             assert!(before > 0 && before < 12_000, "killed after {before} of 16384 writes");
             let want = if mode == "fail-io" { "FAIL_IO" } else { "QUIESCED" };
             wait_state(&dev, want, Duration::from_secs(20));
@@ -292,7 +298,10 @@ fn failing_modes_lose_no_acknowledged_write() {
         let pid = dev.info()["pid"].as_i64().unwrap();
         let path = dev.path.clone();
         let writer = std::thread::spawn(move || write_all_blocks(&path, 8192, 1));
-        std::thread::sleep(Duration::from_secs(3));
+        let t = Instant::now();
+        while dev.stat("writes") < 1000 && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
         assert!(!writer.is_finished(), "the writer ended before the kill");
         kill9(pid);
         let before = dev.stat("writes");
