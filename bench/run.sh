@@ -2,10 +2,15 @@
 # Benchmarks, each in one guest boot (or directly where the host has ublk_drv):
 #   bench/run.sh loop [RUNTIME_S] [RUNS]      -> bench/results/<date>-loop-vs-kernel.md
 #   bench/run.sh metrics [RUNTIME_S] [RUNS]   -> bench/results/<date>-metrics-overhead.md
+#   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
+#     ublk-fast null/loop vs kernel null_blk, kernel loop and rublk (if installed:
+#     cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk).
+#     UBLK_FAST_BIN=path uses that binary instead of building target/release; RUBLK_BIN=path,
+#     PEERS="uf-null null_blk ..." (see bench/peers.sh) pick the peer binary and the peers.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 which=${1:-loop}; RT=${2:-5}; RUNS=${3:-3}
-cargo build --release --quiet
+[ "$which" = peers ] && [ -n "${UBLK_FAST_BIN:-}" ] || cargo build --release --quiet
 mkdir -p bench/results
 d=$(date +%Y-%m-%d)
 case $which in
@@ -13,5 +18,7 @@ case $which in
           bench/loop-vs-kernel.sh "bench/results/$d-loop-vs-kernel.md" "$RT" "$RUNS" ;;
   metrics) tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/metrics-overhead.sh "bench/results/$d-metrics-overhead.md" "$RT" "${3:-5}" ;;
-  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics)" >&2; exit 2 ;;
+  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN PEERS" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+          bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
+  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers)" >&2; exit 2 ;;
 esac

@@ -1,0 +1,231 @@
+#!/bin/bash
+# Guest side of `bench/run.sh peers`: ublk-fast against its peers in one boot, alternating, RUNS
+# runs each, fio io_uring direct, medians. Peers: kernel null_blk (the floor for null), the
+# kernel loop driver (direct I/O), and rublk (libublk's generic targets) where its binary exists.
+#   peers.sh OUT.md [RUNTIME_S] [RUNS]
+# Environment:
+#   UBLK_FAST_BIN  the ublk-fast binary (default target/release/ublk-fast)
+#   RUBLK_BIN      the rublk binary (default /var/tmp/ublk-fast-peers/bin/rublk); missing: skipped
+#   PEERS          which peers, space-separated (default: $DEFAULT_PEERS below; uf-loop-copy is
+#                  left out there because bench/run.sh loop already measures copy mode for loop;
+#                  the engine modes uf-null-ucopy (--user-copy), uf-null-sqpoll and
+#                  uf-loop-sqpoll (--sqpoll) are there to be asked for)
+# A peer that cannot run (binary or module missing, device creation fails) is skipped with a
+# printed reason; the script does not fail for it.
+set -euo pipefail
+OUT=$1; RT=${2:-5}; RUNS=${3:-3}
+B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
+R=${RUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/rublk}
+ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll null_blk rublk-null rublk-null-copy uf-loop uf-loop-copy uf-loop-sqpoll kernel-loop rublk-loop"
+DEFAULT_PEERS="uf-null uf-null-copy null_blk rublk-null rublk-null-copy uf-loop kernel-loop rublk-loop"
+PEERS=${PEERS:-$DEFAULT_PEERS}
+NQ=$(nproc); DEPTH=128; RUBLK_ID=50
+W=$(mktemp -d /tmp/bench.XXXX)
+IMG=/tmp/bench-backing.img
+# rw:bs:iodepth:numjobs
+JOBS="randread:4k:1:1 randread:4k:64:1 randread:4k:64:2 randwrite:4k:1:1 randwrite:4k:64:1 randwrite:4k:64:2 read:128k:32:1"
+TCK=$(getconf CLK_TCK)
+
+CUR=""; DEV=""; DPID=""
+teardown() { # the current peer's device
+  case $CUR in
+    uf-*) "$B" del -n "${DEV#/dev/ublkb}" ;;
+    rublk-*) "$R" del -n "$RUBLK_ID" ;;
+    kernel-loop) losetup -d "$DEV" ;;
+  esac
+  CUR=""; DEV=""; DPID=""
+}
+cleanup() {
+  set +e
+  [ -n "$CUR" ] && teardown
+  lsmod | grep -q '^null_blk' && rmmod null_blk
+  rm -rf "$W" "$IMG"
+}
+trap cleanup EXIT
+
+declare -A SKIP CMD
+skip() { SKIP[$1]=$2; echo "peers: skipping $1: $2" >&2; }
+
+modprobe ublk_drv
+[ -x "$B" ] || { echo "peers: no ublk-fast binary at $B" >&2; exit 1; }
+for p in $PEERS; do
+  case $p in
+    rublk-*) [ -x "$R" ] || skip "$p" "no rublk binary at $R (install: cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk)" ;;
+    uf-*|null_blk|kernel-loop) ;;
+    *) skip "$p" "unknown peer (known: $ALL_PEERS)" ;;
+  esac
+done
+if [[ " $PEERS " == *" null_blk "* ]]; then
+  # blk-mq, 1 GiB, completions inline (irqmode=0): the cheapest block device the kernel has.
+  CMD[null_blk]="modprobe null_blk queue_mode=2 nr_devices=1 gb=1 irqmode=0 submit_queues=$NQ hw_queue_depth=$DEPTH"
+  ${CMD[null_blk]} || skip null_blk "modprobe null_blk failed"
+fi
+if [[ " $PEERS " == *loop* ]]; then
+  modprobe loop || true
+  echo "peers: writing the 1 GiB backing file $IMG" >&2
+  dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none
+fi
+CMD[uf-null]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy on"
+CMD[uf-null-copy]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy off"
+CMD[uf-loop]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy on"
+CMD[uf-loop-copy]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy off"
+CMD[uf-null-ucopy]="$B null --size 1G -q $NQ -d $DEPTH --user-copy"
+CMD[uf-null-sqpoll]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy on --sqpoll"
+CMD[uf-loop-sqpoll]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy on --sqpoll"
+CMD[kernel-loop]="losetup --direct-io=on -f --show $IMG"
+CMD[rublk-null]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet"
+CMD[rublk-null-copy]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --quiet"
+CMD[rublk-loop]="$R add loop -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet -f $IMG"
+
+setup() { # peer -> sets CUR DEV DPID, or returns 1
+  local p=$1 out
+  case $p in
+    null_blk) DEV=/dev/nullb0; [ -b $DEV ] || return 1 ;;
+    kernel-loop) DEV=$(${CMD[$p]}) || return 1 ;;
+    uf-*) DEV=$(${CMD[$p]}) || return 1 ;;
+    rublk-*) out=$(${CMD[$p]} 2>&1) || { echo "$out" >&2; return 1; }
+      DEV=/dev/ublkb$RUBLK_ID
+      for _ in $(seq 50); do [ -b $DEV ] && break; sleep 0.1; done
+      [ -b $DEV ] || { CUR=$p; return 1; } ;;
+  esac
+  CUR=$p
+  case $p in uf-*|rublk-*)
+    # The kernel's own record of the serving process works for any ublk server.
+    DPID=$("$B" list -n "${DEV#/dev/ublkb}" --json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -1) ;;
+  esac
+  if [ "$p" = kernel-loop ]; then echo "kernel-loop: $DEV dio=$(cat /sys/block/${DEV#/dev/}/loop/dio)" >> "$W/notes"; fi
+  return 0
+}
+
+# Samples: the daemon's utime+stime (ticks), the guest's busy ticks, the device's completed I/Os.
+sample() {
+  local d=0 u n s i io irq sirq st rest r w
+  [ -n "$DPID" ] && d=$(awk '{print $14 + $15}' "/proc/$DPID/stat")
+  read -r _ u n s i io irq sirq st rest < /proc/stat
+  read -r r _ _ _ w rest < "/sys/block/${DEV#/dev/}/stat"
+  echo "$d $((u + n + s + irq + sirq + st)) $((r + w))"
+}
+run_fio() { # job run
+  local rw bs qd nj; IFS=: read -r rw bs qd nj <<< "$1"
+  local f="$W/$CUR.$1.$2" s0 s1
+  s0=$(sample)
+  fio --name=b --filename="$DEV" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
+      --numjobs="$nj" --group_reporting --runtime="$RT" --time_based --ramp_time=1 --size=1G \
+      --eta=never --output-format=json --output="$f.json" >/dev/null || { echo "peers: fio failed: $CUR $1" >&2; rm -f "$f.json"; return 0; }
+  s1=$(sample)
+  echo "$s0 $s1 $TCK" > "$f.cpu"
+}
+
+for run in $(seq 1 "$RUNS"); do
+  order=$PEERS
+  [ $((run % 2)) = 0 ] && order=$(echo $PEERS | tr ' ' '\n' | tac | tr '\n' ' ')
+  for p in $order; do
+    [ -n "${SKIP[$p]:-}" ] && continue
+    if ! setup "$p"; then
+      [ -n "$CUR" ] && teardown
+      skip "$p" "device creation failed: ${CMD[$p]}"; continue
+    fi
+    for j in $JOBS; do run_fio "$j" "$run"; done
+    echo "peers: run $run $p ($DEV) done" >&2
+    teardown
+  done
+done
+
+for p in $PEERS; do
+  if [ -n "${SKIP[$p]:-}" ]; then echo "skip $p ${SKIP[$p]}"; else echo "cmd $p ${CMD[$p]:-}"; fi
+done > "$W/peers"
+python3 - "$W" "$OUT" "$RUNS" "$RT" "$JOBS" "$PEERS" <<'PY'
+import json, sys, statistics, subprocess, os
+w, out, runs, rt, jobs, peers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5].split(), sys.argv[6].split()
+skipped, cmds = {}, {}
+for line in open(f"{w}/peers"):
+    kind, p, rest = (line.rstrip("\n").split(" ", 2) + [""])[:3]
+    (skipped if kind == "skip" else cmds)[p] = rest
+notes = open(f"{w}/notes").read().split("\n") if os.path.exists(f"{w}/notes") else []
+
+def load(p, job, run):
+    base = f"{w}/{p}.{job}.{run}"
+    if not os.path.exists(base + ".json"):
+        return None
+    j = json.load(open(base + ".json"))["jobs"][0]
+    d = j["read"] if job.split(":")[0] in ("read", "randread") else j["write"]
+    pc = d["clat_ns"].get("percentile", {})
+    d0, b0, i0, d1, b1, i1, tck = map(int, open(base + ".cpu").read().split())
+    ios = max(i1 - i0, 1)
+    return [d["iops"], pc.get("50.000000", 0) / 1e3, pc.get("99.000000", 0) / 1e3, pc.get("99.900000", 0) / 1e3,
+            (d1 - d0) / tck * 1e6 / ios, (b1 - b0) / tck * 1e6 / ios]
+
+present = [p for p in peers if p not in skipped]
+med, spread = {}, {}
+for p in present:
+    for job in jobs:
+        vals = [v for v in (load(p, job, r) for r in range(1, runs + 1)) if v]
+        if vals:
+            med[p, job] = [statistics.median(v[k] for v in vals) for k in range(6)]
+            spread[p, job] = (min(v[0] for v in vals), max(v[0] for v in vals))
+present = [p for p in present if any((p, j) in med for j in jobs)]
+daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-")
+PAIRS = [("uf-null", "null_blk"), ("uf-null", "rublk-null"), ("uf-null-copy", "rublk-null-copy"),
+         ("uf-loop", "kernel-loop"), ("uf-loop", "rublk-loop"), ("uf-loop-copy", "kernel-loop"),
+         ("uf-null-ucopy", "rublk-null-copy"), ("uf-null-sqpoll", "uf-null"), ("uf-loop-sqpoll", "uf-loop")]
+pairs = [(a, b) for a, b in PAIRS if a in present and b in present]
+GROUPS = [("null", [p for p in present if "null" in p]), ("loop", [p for p in present if "loop" in p])]
+
+def cell(p, job, fmt):
+    return fmt(med[p, job]) if (p, job) in med else "–"
+
+kv = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
+L = []
+L.append("# ublk-fast vs peers: kernel null_blk, kernel loop, rublk\n")
+L.append(f"Guest kernel {kv}, {os.cpu_count()} vCPUs, **qemu TCG software emulation**: absolute numbers mean little, "
+         f"only the ratios inside this one boot do (and they are not what real hardware would show: under TCG every "
+         f"instruction costs about the same, so CPU work per I/O dominates). fio io_uring, direct=1, {rt} s per run "
+         f"(+1 s ramp), {runs} runs per cell, each run going through the peers in the opposite order of the last; "
+         f"medians. Jobs are `rw:bs:iodepth:numjobs` (numjobs 2: `--group_reporting`). Null devices are 1 GiB "
+         f"(rublk null is 250 GiB, fio touches 1 GiB); loop devices serve one 1 GiB file on the guest's tmpfs. "
+         f"Every server runs {os.cpu_count()} queues of depth 128.\n")
+L.append("## Peers\n")
+L.append("| peer | command |\n|---|---|")
+for p in peers:
+    L.append(f"| {p} | " + (f"skipped: {skipped[p]}" if p in skipped else f"`{cmds.get(p, '')}`") + " |")
+L.append("")
+L.extend(dict.fromkeys(n for n in notes if n))
+L.append("\nuf-* is ublk-fast (`--zero-copy on`: `UBLK_F_AUTO_BUF_REG`; `-copy`: `--zero-copy off`); rublk `--zero-copy` "
+         "is also `UBLK_F_AUTO_BUF_REG`, its default is copy mode.\n")
+L.append("## IOPS (median, in brackets the lowest and highest run)\n")
+L.append("| job | " + " | ".join(present) + " |")
+L.append("|---|" + "---:|" * len(present))
+for job in jobs:
+    L.append(f"| {job} | " + " | ".join(
+        cell(p, job, lambda v: f"{v[0]:.0f}") + (" ({:.0f}–{:.0f})".format(*spread[p, job]) if runs > 1 and (p, job) in spread else "")
+        for p in present) + " |")
+if pairs:
+    L.append("\n## Ratios (IOPS, ublk-fast ÷ peer; > 1: ublk-fast is faster)\n")
+    L.append("| job | " + " | ".join(f"{a} ÷ {b}" for a, b in pairs) + " |")
+    L.append("|---|" + "---:|" * len(pairs))
+    for job in jobs:
+        L.append(f"| {job} | " + " | ".join(
+            f"{med[a, job][0] / med[b, job][0]:.2f}" if (a, job) in med and (b, job) in med and med[b, job][0] else "–"
+            for a, b in pairs) + " |")
+L.append("\n## Completion latency p50 / p99 / p99.9 (µs)\n")
+for g, ps in GROUPS:
+    if not ps: continue
+    L.append("| job | " + " | ".join(ps) + " |")
+    L.append("|---|" + "---|" * len(ps))
+    for job in jobs:
+        L.append(f"| {job} | " + " | ".join(cell(p, job, lambda v: f"{v[1]:.0f} / {v[2]:.0f} / {v[3]:.0f}") for p in ps) + " |")
+    L.append("")
+L.append("## CPU per I/O (µs): server daemon / whole guest\n")
+L.append("Server daemon: utime+stime of the ublk server process (all its threads; stime includes the driver's "
+         "work done in its context, such as the copies in copy mode) over the device's completed I/Os, from before "
+         "fio starts to after it exits (ramp included; 10 ms tick resolution). Whole guest: all busy CPU time "
+         "(fio, kernel, server) over the same I/Os; for the kernel peers it is the only figure.\n")
+L.append("| job | " + " | ".join(present) + " |")
+L.append("|---|" + "---:|" * len(present))
+for job in jobs:
+    L.append(f"| {job} | " + " | ".join(
+        cell(p, job, (lambda v: f"{v[4]:.1f} / {v[5]:.1f}") if daemon(p) else (lambda v: f"– / {v[5]:.1f}"))
+        for p in present) + " |")
+open(out, "w").write("\n".join(L) + "\n")
+print(open(out).read())
+PY
