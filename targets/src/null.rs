@@ -57,7 +57,10 @@ impl Target for NullTarget {
     }
 
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
-        Ok(Box::new(NullQueue { dirty: vec![0; usize::from(depth)] }))
+        Ok(Box::new(NullQueue {
+            dirty: vec![0; usize::from(depth)],
+            zeroed: vec![0; usize::from(depth)],
+        }))
     }
 }
 
@@ -65,6 +68,21 @@ impl Target for NullTarget {
 /// zeroed, so a read zeroes only those (not the whole 512 KiB buffer).
 struct NullQueue {
     dirty: Vec<usize>,
+    /// Zero copy: bytes of each tag's read already filled from /dev/zero.
+    zeroed: Vec<u32>,
+}
+
+impl NullQueue {
+    /// Zero copy: fills the rest of the read request's pages (the fixed buffer at `idx`,
+    /// addressed from 0) from /dev/zero.
+    fn push_zero(&mut self, req: &Request, idx: u16, io: &mut dyn Submit) {
+        let done = self.zeroed[usize::from(req.tag)];
+        let len = req.bytes() as u32 - done;
+        let sqe = opcode::ReadFixed::new(ZERO, done as usize as *mut u8, len, idx).build();
+        // SAFETY: the fixed buffer is the request's pages, registered by the driver until we
+        // commit; `done..done+len` lies inside the request.
+        unsafe { io.push(req, 0, sqe) };
+    }
 }
 
 impl QueueHandler for NullQueue {
@@ -74,12 +92,8 @@ impl QueueHandler for NullQueue {
         match req.desc.op() {
             UBLK_IO_OP_READ if req.buf_index.is_some() => {
                 // Zero copy: the reader's pages are the fixed buffer; zero them in the kernel.
-                let idx = req.buf_index.unwrap_or_default();
-                let sqe =
-                    opcode::ReadFixed::new(ZERO, std::ptr::null_mut(), len as u32, idx).build();
-                // SAFETY: the fixed buffer is the request's pages, registered by the driver
-                // until we commit; the read covers exactly the request.
-                unsafe { io.push(req, 0, sqe) };
+                self.zeroed[tag] = 0;
+                self.push_zero(req, req.buf_index.unwrap_or_default(), io);
                 Flow::Pending
             }
             UBLK_IO_OP_READ => {
@@ -103,14 +117,19 @@ impl QueueHandler for NullQueue {
         }
     }
 
-    fn complete(&mut self, req: &Request, _sub: u8, res: i32, _io: &mut dyn Submit) -> Flow {
-        // Only the zero-copy read from /dev/zero gets here; /dev/zero never reads short.
-        if res < 0 {
-            return Flow::Done(res);
+    fn complete(&mut self, req: &Request, _sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
+        // Only the zero-copy read from /dev/zero gets here. It can come back short: /dev/zero
+        // stops early under a non-blocking read when the task should reschedule (often on an
+        // SQPOLL thread), so go on from where it stopped.
+        if res <= 0 {
+            return Flow::Done(if res == 0 { -libc::EIO } else { res });
         }
-        if res as usize != req.bytes() {
-            return Flow::Done(-libc::EIO);
+        let tag = usize::from(req.tag);
+        self.zeroed[tag] += res as u32;
+        if (self.zeroed[tag] as usize) < req.bytes() {
+            self.push_zero(req, req.buf_index.unwrap_or_default(), io);
+            return Flow::Pending;
         }
-        Flow::Done(res)
+        Flow::Done(req.bytes() as i32)
     }
 }

@@ -78,6 +78,18 @@ fn fio_on_null_with_one_and_two_queues() {
         println!("queues={q} zero-copy={zc} {more}: {ios} I/Os in 3 s");
         assert!(ios > 1000, "too few I/Os: {ios}");
         assert_eq!(errs, 0);
+        // Big reads: /dev/zero may fill a zero-copy read in several goes.
+        let big = fio(&[
+            "--name=big",
+            &format!("--filename={}", dev.path),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=read",
+            "--bs=512k",
+            "--iodepth=32",
+            "--size=256M",
+        ]);
+        assert_eq!(fio_totals(&big), (512, 0), "512 KiB reads");
         assert!(dev.stat("reads") > 0 && dev.stat("writes") > 0);
         assert_eq!(dev.stat("io_errors"), 0);
         dev.del();

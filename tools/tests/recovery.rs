@@ -67,27 +67,30 @@ fn expect_clean_fio(fio: std::process::Child, what: &str) {
     assert_eq!(fio_totals(&v).1, 0);
 }
 
-/// fio random writes of crc32c-stamped 4k blocks that save fio's verify state on exit
+/// The crash job: random writes of crc32c-stamped 4k blocks over the whole 64 MiB device; its
+/// verify state lives in `dir`. The writer and the verifier must describe the same job.
+fn crash_job(dev: &Dev, dir: &str) -> Vec<String> {
+    let mut a = vec![
+        "--name=crash".to_string(),
+        format!("--filename={}", dev.path),
+        format!("--aux-path={dir}"),
+    ];
+    a.extend(
+        ["--ioengine=io_uring", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=16"]
+            .into_iter()
+            .chain(["--size=64M", "--verify=crc32c"])
+            .map(String::from),
+    );
+    a
+}
+
+/// Starts the crash job at 1000 writes/s, saving fio's verify state on exit
 /// (`verify_state_save`): what was acknowledged is what `verify_acknowledged` checks later.
 fn spawn_stateful_writes(dev: &Dev, dir: &str) -> std::process::Child {
     Command::new("fio")
-        .args([
-            "--name=crash",
-            &format!("--filename={}", dev.path),
-            &format!("--aux-path={dir}"),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=64M",
-            "--rate_iops=1000",
-            "--verify=crc32c",
-            "--do_verify=0",
-            "--verify_state_save=1",
-            "--output-format=json",
-            "--eta=never",
-        ])
+        .args(crash_job(dev, dir))
+        .args(["--rate_iops=1000", "--do_verify=0", "--verify_state_save=1"])
+        .args(["--output-format=json", "--eta=never"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -97,21 +100,9 @@ fn spawn_stateful_writes(dev: &Dev, dir: &str) -> std::process::Child {
 /// Reads back every block the writing fio had acknowledged when it exited (its saved verify
 /// state) and checks its crc32c; returns the bytes verified.
 fn verify_acknowledged(dev: &Dev, dir: &str) -> u64 {
-    let v = fio(&[
-        "--name=crash",
-        &format!("--filename={}", dev.path),
-        &format!("--aux-path={dir}"),
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--size=64M",
-        "--verify=crc32c",
-        "--verify_only",
-        "--verify_state_load=1",
-        "--verify_fatal=1",
-    ]);
+    let mut args = crash_job(dev, dir);
+    args.extend(["--verify_only", "--verify_state_load=1", "--verify_fatal=1"].map(String::from));
+    let v = fio(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(fio_totals(&v).1, 0, "verify of the acknowledged writes found errors");
     v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap()
 }
