@@ -65,7 +65,7 @@ fn every_nth_read_fails_with_eio_and_the_device_stays_usable() {
         assert!(failed.windows(2).all(|w| w[1] - w[0] == 4), "not every 4th: {failed:?}");
         let errors = dev.stat("io_errors");
         assert_eq!(errors - errors_before, 4);
-        let m = sh(&format!("curl -sf http://{addr}/metrics"));
+        let m = http_get(&addr, "/metrics");
         let line = m
             .lines()
             .find(|l| l.starts_with("ublk_fast_io_errors_total{") && l.contains("op=\"read\""))

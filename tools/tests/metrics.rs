@@ -3,28 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// GET over HTTP/1.0; the body if the answer is 200, `None` on any failure.
-fn try_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.split(' ').nth(1).filter(|c| *c == "200")?;
-    Some(body.to_string())
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    try_get(addr, path).unwrap_or_else(|| panic!("GET http://{addr}{path} failed"))
-}
 
 fn urlencode(s: &str) -> String {
     s.bytes()

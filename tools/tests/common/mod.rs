@@ -3,6 +3,7 @@
 //! `cargo test` on a host without it: `tools/test.sh` runs them with `--ignored`.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -181,4 +182,20 @@ pub fn check_refused(cmd: &str, expect: &str) {
 /// Whether the device was created with UBLK_F_AUTO_BUF_REG (zero copy).
 pub fn uses_zero_copy(dev: &Dev) -> bool {
     dev.info()["flags"].as_array().unwrap().iter().any(|f| f == "AUTO_BUF_REG")
+}
+
+/// GET over HTTP/1.0; the body if the answer is 200, `None` on any failure.
+pub fn try_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.split(' ').nth(1).filter(|c| *c == "200")?;
+    Some(body.to_string())
+}
+
+pub fn http_get(addr: &str, path: &str) -> String {
+    try_get(addr, path).unwrap_or_else(|| panic!("GET http://{addr}{path} failed"))
 }
