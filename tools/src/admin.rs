@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use ublk_fast_engine::ctrl::{list_dev_ids, Control};
-use ublk_fast_engine::uapi::{feature_names, state_name};
+use ublk_fast_engine::uapi::{feature_names, state_name, ublksrv_ctrl_dev_info};
 
 use ublk_fast_engine::stats::{StatsRegion, COUNTER_NAMES};
 
@@ -45,15 +45,20 @@ fn stats(id: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
     )
 }
 
-pub fn no_such_device(id: u32) -> CliError {
+fn no_such_device(id: u32) -> CliError {
     CliError::runtime(format!("no ublk device with id {id} (see `ublk-fast list`)"))
 }
 
-fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
-    let info = c.dev_info(id).map_err(|e| match e.raw_errno() {
+/// GET_DEV_INFO, with a missing device reported as such.
+pub fn dev_info(c: &mut Control, id: u32) -> Result<ublksrv_ctrl_dev_info, CliError> {
+    c.dev_info(id).map_err(|e| match e.raw_errno() {
         libc::ENODEV | libc::ENOENT => no_such_device(id),
         _ => CliError::runtime(e.to_string()),
-    })?;
+    })
+}
+
+fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
+    let info = dev_info(c, id)?;
     let params = c.get_params(id).map_err(|e| CliError::runtime(e.to_string()))?;
     let rec = Record::load(id);
     Ok(DevRow {
@@ -119,16 +124,13 @@ pub fn list(id: Option<u32>, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn process_alive(pid: i32) -> bool {
+pub fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
 fn del_one(c: &mut Control, id: u32) -> Result<(), CliError> {
-    let info = c.dev_info(id).map_err(|e| match e.raw_errno() {
-        libc::ENODEV | libc::ENOENT => no_such_device(id),
-        _ => CliError::runtime(e.to_string()),
-    })?;
+    let info = dev_info(c, id)?;
     // STOP_DEV fails harmlessly on a device that is already stopped or dead. It ends the I/O
     // in flight and makes the daemon's queues exit.
     let _ = c.stop_dev(id);
@@ -182,10 +184,7 @@ pub fn features(json: bool) -> Result<(), CliError> {
 /// `quiesce -n ID`: QUIESCE_DEV, then wait for the serving daemon to exit.
 pub fn quiesce(id: u32, timeout_ms: u64) -> Result<(), CliError> {
     let mut c = Control::open().map_err(CliError::from)?;
-    let info = c.dev_info(id).map_err(|e| match e.raw_errno() {
-        libc::ENODEV | libc::ENOENT => no_such_device(id),
-        _ => CliError::runtime(e.to_string()),
-    })?;
+    let info = dev_info(&mut c, id)?;
     if info.flags & ublk_fast_engine::uapi::UBLK_F_QUIESCE == 0 {
         return Err(CliError::runtime(format!(
             "device {id} cannot be quiesced: create it with --recovery (on a driver offering QUIESCE)"

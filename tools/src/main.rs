@@ -149,13 +149,13 @@ fn add(
             cpus
         }
     };
+    if opts.sqpoll_cpu.is_some() && opts.sqpoll.is_none() {
+        return Err(CliError::usage("--sqpoll-cpu needs --sqpoll"));
+    }
     if let Some(c) = opts.sqpoll_cpu {
         if !online.contains(&(c as usize)) {
             return Err(CliError::usage(format!("--sqpoll-cpu {c}: CPU {c} is not online")));
         }
-    }
-    if opts.sqpoll_cpu.is_some() && opts.sqpoll.is_none() {
-        return Err(CliError::usage("--sqpoll-cpu needs --sqpoll"));
     }
     let sqpoll =
         opts.sqpoll.map(|idle_ms| SqPoll { idle_ms, cpu: opts.sqpoll_cpu, attach_to: None });
@@ -195,13 +195,10 @@ fn creation_opts(
 
 /// `recover -n ID`: rebuilds the device's target from its record and takes the device over.
 fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
-    let info = ublk_fast_engine::ctrl::Control::open()?
-        .dev_info(id)
-        .map_err(|_| admin::no_such_device(id))?;
+    let info = admin::dev_info(&mut ublk_fast_engine::ctrl::Control::open()?, id)?;
     // A LIVE device whose daemon is alive is served: refuse before touching its files (the
     // old daemon holds their locks). A dead daemon the kernel has not noticed yet is fine.
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    if info.state == UBLK_S_DEV_LIVE && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0 {
+    if info.state == UBLK_S_DEV_LIVE && admin::process_alive(info.ublksrv_pid) {
         return Err(CliError::runtime(format!(
             "device {id} is LIVE: daemon {} still serves it (to replace it, run `ublk-fast quiesce -n {id}` first)",
             info.ublksrv_pid
