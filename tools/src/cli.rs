@@ -104,8 +104,9 @@ pub struct AddOpts {
     /// instead of letting the driver copy it
     #[arg(long)]
     pub user_copy: bool,
-    /// Pin the --sqpoll thread to this CPU
-    #[arg(long, value_name = "CPU", requires = "sqpoll")]
+    /// Pin the --sqpoll thread to this CPU (needs --sqpoll, which may stand on either side of
+    /// the target name, so the pair is checked once the options are merged)
+    #[arg(long, value_name = "CPU")]
     pub sqpoll_cpu: Option<u32>,
 }
 
