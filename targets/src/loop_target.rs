@@ -330,44 +330,28 @@ impl LoopQueue {
             QueueStats::bump(&io.stats().backend_dsync_writes, 1);
         }
         let read = req.desc.op() == UBLK_IO_OP_READ;
-        let sqe = match req.buf_index {
-            // Zero copy: the request's pages are fixed buffer `idx`, addressed from 0.
-            Some(idx) => {
-                let at = done as usize as *mut u8;
-                if read {
-                    opcode::ReadFixed::new(BACKING, at, len, idx).offset(off).build()
-                } else {
-                    opcode::WriteFixed::new(BACKING, at, len, idx)
-                        .offset(off)
-                        .rw_flags(rw_flags)
-                        .build()
-                }
-            }
-            None if req.buf_reg.is_some() => {
-                let idx = req.buf_reg.unwrap_or_default();
-                let buf = req.buf.wrapping_add(done as usize);
-                if read {
-                    opcode::ReadFixed::new(BACKING, buf, len, idx).offset(off).build()
-                } else {
-                    opcode::WriteFixed::new(BACKING, buf, len, idx)
-                        .offset(off)
-                        .rw_flags(rw_flags)
-                        .build()
-                }
-            }
-            None => {
-                let buf = req.buf.wrapping_add(done as usize);
-                if read {
-                    opcode::Read::new(BACKING, buf, len).offset(off).build()
-                } else {
-                    opcode::Write::new(BACKING, buf, len).offset(off).rw_flags(rw_flags).build()
-                }
+        // Where the data is: zero copy, the request's pages as fixed buffer `idx` addressed
+        // from 0; copy mode, the tag's buffer, registered as fixed buffer `idx` when buf_reg.
+        let (at, fixed) = match (req.buf_index, req.buf_reg) {
+            (Some(idx), _) => (done as usize as *mut u8, Some(idx)),
+            (None, reg) => (req.buf.wrapping_add(done as usize), reg),
+        };
+        let sqe = match (fixed, read) {
+            (Some(idx), true) => opcode::ReadFixed::new(BACKING, at, len, idx).offset(off).build(),
+            (Some(idx), false) => opcode::WriteFixed::new(BACKING, at, len, idx)
+                .offset(off)
+                .rw_flags(rw_flags)
+                .build(),
+            (None, true) => opcode::Read::new(BACKING, at, len).offset(off).build(),
+            (None, false) => {
+                opcode::Write::new(BACKING, at, len).offset(off).rw_flags(rw_flags).build()
             }
         };
-        // SAFETY: copy mode: `buf..buf+len` lies inside the tag's buffer (bytes() <= buf_len was
+        // SAFETY: copy mode: `at..at+len` lies inside the tag's buffer (bytes() <= buf_len was
         // checked when the request started), which the engine keeps alive (and registered, with
-        // buf_reg) and unused until we commit. Zero copy: the fixed buffer is the request's pages, registered by the driver
-        // until the commit, and `done..done+len` lies inside the request.
+        // buf_reg) and unused until we commit. Zero copy: the fixed buffer is the request's
+        // pages, registered by the driver until the commit, and `done..done+len` lies inside
+        // the request.
         unsafe { io.push(req, sub::RW, sqe) };
     }
 

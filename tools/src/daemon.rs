@@ -87,8 +87,6 @@ fn detach_stdio() {
     }
 }
 
-/// Creates the device and serves it until a stop signal (then removes it) or until it is
-/// stopped from outside (then releases it).
 /// How the daemon gets its device.
 #[derive(Clone, Copy, Debug)]
 pub enum Start {
@@ -107,6 +105,8 @@ pub struct Run {
     pub argv: Vec<String>,
 }
 
+/// Creates (or takes over) the device and serves it until a stop signal (then removes it) or
+/// until it is stopped from outside (then releases it).
 fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
     let Run { cfg, target, metrics, start, argv } = run;
     let cfg = &cfg;
