@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -35,35 +35,27 @@ fn recover(dev: &Dev) {
 /// Starts fio writing 32 MiB of crc32c-stamped 4k blocks at a limited rate (so a crash or a
 /// hand-over lands mid-run), then verifying all of it.
 fn spawn_verified_writes(dev: &Dev, name: &str) -> std::process::Child {
-    Command::new("fio")
-        .args([
-            &format!("--name={name}"),
-            &format!("--filename={}", dev.path),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=32M",
-            "--rate_iops=2000",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--output-format=json",
-            "--eta=never",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    spawn_fio(&[
+        &format!("--name={name}"),
+        &format!("--filename={}", dev.path),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=32M",
+        "--rate_iops=2000",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+    ])
 }
 
 /// Waits for that fio: it must succeed with no errors.
 fn expect_clean_fio(fio: std::process::Child, what: &str) {
     let out = fio.wait_with_output().unwrap();
     assert!(out.status.success(), "fio across the {what} failed: {}{}", stdout(&out), stderr(&out));
-    let text = stdout(&out);
-    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    let v = fio_report(&stdout(&out)).expect("fio printed no JSON report");
     assert_eq!(fio_totals(&v).1, 0);
 }
 
@@ -87,14 +79,9 @@ fn crash_job(dev: &Dev, dir: &str) -> Vec<String> {
 /// Starts the crash job at 1000 writes/s, saving fio's verify state on exit
 /// (`verify_state_save`): what was acknowledged is what `verify_acknowledged` checks later.
 fn spawn_stateful_writes(dev: &Dev, dir: &str) -> std::process::Child {
-    Command::new("fio")
-        .args(crash_job(dev, dir))
-        .args(["--rate_iops=1000", "--do_verify=0", "--verify_state_save=1"])
-        .args(["--output-format=json", "--eta=never"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    let mut args = crash_job(dev, dir);
+    args.extend(["--rate_iops=1000", "--do_verify=0", "--verify_state_save=1"].map(String::from));
+    spawn_fio(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Reads back every block the writing fio had acknowledged when it exited (its saved verify
@@ -110,10 +97,7 @@ fn verify_acknowledged(dev: &Dev, dir: &str) -> u64 {
 /// The writing fio's exit: (succeeded, errors, bytes written).
 fn fio_outcome(fio: std::process::Child) -> (bool, String, u64) {
     let out = fio.wait_with_output().unwrap();
-    let text = stdout(&out);
-    let written = text
-        .find('{')
-        .and_then(|i| serde_json::from_str::<serde_json::Value>(&text[i..]).ok())
+    let written = fio_report(&stdout(&out))
         .and_then(|v| v["jobs"][0]["write"]["io_bytes"].as_u64())
         .unwrap_or(0);
     let errs: String = stderr(&out).lines().filter(|l| l.contains("err")).take(2).collect();

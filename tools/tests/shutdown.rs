@@ -11,24 +11,18 @@ use common::*;
 
 /// fio at depth 256 on 2 jobs, random reads and writes, until the device goes away.
 fn spawn_heavy_fio(path: &str) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=heavy",
-            &format!("--filename={path}"),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randrw",
-            "--bs=4k",
-            "--iodepth=256",
-            "--numjobs=2",
-            "--time_based",
-            "--runtime=120",
-            "--eta=never",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    spawn_fio(&[
+        "--name=heavy",
+        &format!("--filename={path}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randrw",
+        "--bs=4k",
+        "--iodepth=256",
+        "--numjobs=2",
+        "--time_based",
+        "--runtime=120",
+    ])
 }
 
 /// Reads and writes device `id` has completed (its daemon's counters).

@@ -145,9 +145,23 @@ pub fn fio(args: &[&str]) -> serde_json::Value {
         .expect("run fio");
     let out = stdout(&o);
     assert!(o.status.success(), "fio {args:?} failed ({}):\n{out}\n{}", o.status, stderr(&o));
-    // fio may print warnings before the JSON document.
-    let start = out.find('{').expect("fio printed no JSON");
-    serde_json::from_str(&out[start..]).expect("fio JSON")
+    fio_report(&out).expect("fio printed no JSON report")
+}
+
+/// Starts fio with `args` (plus JSON output) in the background, its output piped.
+pub fn spawn_fio(args: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .args(args)
+        .args(["--output-format=json", "--eta=never"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fio")
+}
+
+/// fio's JSON report in its stdout (fio may print warnings before it).
+pub fn fio_report(out: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&out[out.find('{')?..]).ok()
 }
 
 /// Total I/Os and errors over all jobs of a fio report.
