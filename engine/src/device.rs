@@ -41,6 +41,8 @@ pub struct DeviceConfig {
     pub sqpoll: Option<SqPoll>,
     /// UBLK_F_USER_COPY: the server copies request data itself through `/dev/ublkcN`.
     pub user_copy: bool,
+    /// UBLK_F_BATCH_IO: per-queue batch commands instead of per-tag FETCH/COMMIT_AND_FETCH.
+    pub batch: bool,
 }
 
 /// `--recovery`: the device outlives its daemon (UBLK_F_USER_RECOVERY*).
@@ -220,6 +222,14 @@ impl Device {
         if cfg.user_copy {
             flags |= UBLK_F_USER_COPY;
         }
+        if cfg.batch {
+            if features & UBLK_F_BATCH_IO == 0 {
+                return Err(Error::Invalid(
+                    "--batch-io: this kernel's ublk driver does not offer BATCH_IO (Linux 7.0+); leave the option out".into(),
+                ));
+            }
+            flags |= UBLK_F_BATCH_IO;
+        }
         let want = cfg.recovery.flags();
         if want & !features != 0 {
             return Err(Error::Invalid(format!(
@@ -298,6 +308,7 @@ impl Device {
             queues: info.nr_hw_queues,
             depth: info.queue_depth,
             user_copy: info.flags & UBLK_F_USER_COPY != 0,
+            batch: info.flags & UBLK_F_BATCH_IO != 0,
             ..cfg.clone()
         };
         if !zero_copy {
@@ -382,6 +393,7 @@ impl Device {
                 zero_copy: self.zero_copy,
                 sqpoll,
                 user_copy: cfg.user_copy,
+                batch: cfg.batch,
             };
             let cpu = self.queue_cpus[usize::from(q)];
             let target = Arc::clone(&target);

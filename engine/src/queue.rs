@@ -4,6 +4,10 @@
 //! The loop: wait for completions → copy a bounded batch of CQEs out → advance each tag →
 //! queue the resulting SQEs (backend I/O and COMMIT_AND_FETCH together) → one `io_uring_enter`
 //! that submits them and waits for the next completions.
+//!
+//! With BATCH_IO the ublk commands go per queue instead of per tag (see `batch`): the tags of
+//! new requests arrive through one multishot FETCH, and each iteration's results leave in one
+//! COMMIT. The tag state machine and the targets are the same in both modes.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -11,6 +15,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use crate::batch::{Batch, Committed, Data, MAX_TAGS_PER_CQE};
 use crate::buf::IoBufs;
 use crate::error::{Error, Result};
 use crate::ring::{self, push_sqe, Enter, SqPoll};
@@ -41,6 +46,8 @@ pub struct QueueConfig {
     /// UBLK_F_USER_COPY: the kernel does not copy; this queue moves request data between its
     /// buffers and the request's pages with reads and writes on `/dev/ublkcN`.
     pub user_copy: bool,
+    /// UBLK_F_BATCH_IO: per-queue PREP/FETCH/COMMIT_IO_CMDS instead of per-tag commands.
+    pub batch: bool,
 }
 
 /// Engine sub-ops (`Kind::Engine`): the stop event, and the manual buffer registration used
@@ -52,6 +59,11 @@ const ENGINE_UNREG: u8 = 2;
 const ENGINE_COPY_IN: u8 = 3;
 /// User copy: read data from the tag's buffer into the request's pages, before committing.
 const ENGINE_COPY_OUT: u8 = 4;
+
+/// Batch commands (`Kind::Ublk` in batch mode); a COMMIT's `tag` field is its array's index.
+const BATCH_PREP: u8 = 1;
+const BATCH_FETCH: u8 = 2;
+const BATCH_COMMIT: u8 = 3;
 
 /// The queue's read-only view of the driver's descriptor array for this queue.
 struct DescMap {
@@ -160,10 +172,15 @@ pub struct Queue {
     enter: Enter,
     desc: DescMap,
     bufs: IoBufs,
+    /// BATCH_IO element arrays and FETCH buffers (after the ring: the kernel may use them
+    /// until the ring is gone).
+    batch: Option<Batch>,
+    /// The FETCH is armed (batch mode).
+    fetch_armed: bool,
     handler: Box<dyn QueueHandler>,
     tags: Vec<Tag>,
     reqs: Vec<Request>,
-    cqes: Vec<(u64, i32)>,
+    cqes: Vec<(u64, i32, u32)>,
     cfg: QueueConfig,
     live_tags: usize,
     backend_inflight: usize,
@@ -222,6 +239,21 @@ impl Queue {
                 )
             })?;
         }
+        let batch = if cfg.batch {
+            let data = match (cfg.zero_copy, cfg.user_copy) {
+                (true, _) => Data::ZeroCopy,
+                (_, true) => Data::UserCopy,
+                _ => Data::Copy,
+            };
+            let addrs = if data == Data::Copy {
+                (0..depth).map(|t| bufs.ptr(t) as u64).collect()
+            } else {
+                Vec::new()
+            };
+            Some(Batch::new(&ring, cfg.q, depth, data, addrs).map_err(|e| e.queue(cfg.q))?)
+        } else {
+            None
+        };
         let reqs = (0..depth)
             .map(|tag| Request {
                 tag,
@@ -237,6 +269,8 @@ impl Queue {
             enter,
             desc,
             bufs,
+            batch,
+            fetch_armed: false,
             handler,
             tags: vec![Tag::new(); usize::from(depth)],
             reqs,
@@ -275,9 +309,10 @@ impl Queue {
             )
         };
         format!(
-            "ring {}{}; {bufs}",
+            "ring {}{}; {bufs}; {}",
             if self.cfg.sqpoll.is_some() { "SQPOLL" } else { "DEFER_TASKRUN" },
             if self.enter.registered() { ", ring fd registered" } else { "" },
+            if self.batch.is_some() { "BATCH_IO commands" } else { "per-tag commands" },
         )
     }
 
@@ -377,13 +412,18 @@ impl Queue {
     /// Serves until every tag is aborted by the driver, or a stop is requested and no backend
     /// I/O is in flight.
     pub fn run(&mut self) -> Result<QueueExit> {
-        for tag in 0..self.cfg.depth {
-            self.tags[usize::from(tag)].fetch();
-            self.push_ublk(tag, UBLK_U_IO_FETCH_REQ, 0);
+        if self.batch.is_some() {
+            self.prep_batch()?;
+        } else {
+            for tag in 0..self.cfg.depth {
+                self.tags[usize::from(tag)].fetch();
+                self.push_ublk(tag, UBLK_U_IO_FETCH_REQ, 0);
+            }
         }
         self.live_tags = usize::from(self.cfg.depth);
         self.arm_stop();
         loop {
+            self.push_commits();
             let done = self.live_tags == 0 || self.stopping;
             if done && self.backend_inflight == 0 {
                 // Hand the last commits to the kernel before the ring goes away.
@@ -415,14 +455,16 @@ impl Queue {
     fn drain(&mut self) {
         self.cqes.clear();
         let cap = self.cqes.capacity();
-        self.cqes.extend(self.ring.completion().take(cap).map(|c| (c.user_data(), c.result())));
+        self.cqes.extend(
+            self.ring.completion().take(cap).map(|c| (c.user_data(), c.result(), c.flags())),
+        );
         for i in 0..self.cqes.len() {
-            let (ud, res) = self.cqes[i];
-            self.dispatch(ud, res);
+            let (ud, res, flags) = self.cqes[i];
+            self.dispatch(ud, res, flags);
         }
     }
 
-    fn dispatch(&mut self, ud: u64, res: i32) {
+    fn dispatch(&mut self, ud: u64, res: i32, flags: u32) {
         let Some(ud) = UserData::decode(ud) else {
             debug_assert!(false, "unknown user_data {ud:#x}");
             return;
@@ -471,6 +513,7 @@ impl Queue {
                     libc::read(self.cfg.stop_fd, &mut self.stop_buf as *mut u64 as *mut _, 8)
                 };
             }
+            Kind::Ublk if self.batch.is_some() => self.dispatch_batch(ud.sub, tag, res, flags),
             Kind::Ublk => {
                 let t = &mut self.tags[usize::from(tag)];
                 if t.state != TagState::Fetching {
@@ -478,29 +521,7 @@ impl Queue {
                     return;
                 }
                 if res == UBLK_IO_RES_OK {
-                    t.deliver();
-                    self.requests += 1;
-                    self.start_ns[usize::from(tag)] = self.now_ns;
-                    let desc = self.desc.read(tag);
-                    self.reqs[usize::from(tag)].desc = desc;
-                    let stats = self.cfg.stats.queue(self.cfg.q);
-                    QueueStats::bump(&stats.io_now, 1);
-                    let has_data = matches!(desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
-                    if self.cfg.zero_copy && has_data && desc.flags() & UBLK_IO_F_NEED_REG_BUF != 0
-                    {
-                        // Auto registration failed: register it ourselves, then serve.
-                        QueueStats::bump(&stats.zero_copy_fallbacks, 1);
-                        self.manual_reg[usize::from(tag)] = true;
-                        self.tags[usize::from(tag)].issue();
-                        self.backend_inflight += 1;
-                        self.push_buf_cmd(tag, ENGINE_REG, false);
-                    } else if self.cfg.user_copy && desc.op() == UBLK_IO_OP_WRITE {
-                        // Fetch the data to write into our buffer first.
-                        let len = self.reqs[usize::from(tag)].bytes() as u32;
-                        self.push_user_copy(tag, ENGINE_COPY_IN, len);
-                    } else {
-                        self.start_request(tag);
-                    }
+                    self.deliver(tag);
                 } else {
                     if res != UBLK_IO_RES_ABORT {
                         eprintln!(
@@ -525,6 +546,154 @@ impl Queue {
                 self.settle(tag, flow);
             }
         }
+    }
+
+    /// A request arrived for `tag` (Fetching): read its descriptor and start serving it.
+    fn deliver(&mut self, tag: u16) {
+        self.tags[usize::from(tag)].deliver();
+        self.requests += 1;
+        self.start_ns[usize::from(tag)] = self.now_ns;
+        let desc = self.desc.read(tag);
+        self.reqs[usize::from(tag)].desc = desc;
+        let stats = self.cfg.stats.queue(self.cfg.q);
+        QueueStats::bump(&stats.io_now, 1);
+        let has_data = matches!(desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
+        if self.cfg.zero_copy && has_data && desc.flags() & UBLK_IO_F_NEED_REG_BUF != 0 {
+            // Auto registration failed: register it ourselves, then serve.
+            QueueStats::bump(&stats.zero_copy_fallbacks, 1);
+            self.manual_reg[usize::from(tag)] = true;
+            self.tags[usize::from(tag)].issue();
+            self.backend_inflight += 1;
+            self.push_buf_cmd(tag, ENGINE_REG, false);
+        } else if self.cfg.user_copy && desc.op() == UBLK_IO_OP_WRITE {
+            // Fetch the data to write into our buffer first.
+            let len = self.reqs[usize::from(tag)].bytes() as u32;
+            self.push_user_copy(tag, ENGINE_COPY_IN, len);
+        } else {
+            self.start_request(tag);
+        }
+    }
+
+    /// Batch mode: PREP every tag (the driver completes it inline), then arm the FETCH.
+    fn prep_batch(&mut self) -> Result<()> {
+        let depth = self.cfg.depth;
+        let Some(b) = self.batch.as_mut() else { return Ok(()) };
+        let ud = UserData { tag: 0, kind: Kind::Ublk, sub: BATCH_PREP, gen: 0 };
+        let sqe = b.prep(depth).user_data(ud.encode());
+        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        // SAFETY: the element array lives in `self.batch` and is not touched until the
+        // completion reaped below.
+        unsafe { push_sqe(&mut self.ring, &sqe) };
+        let res = loop {
+            match self.enter.submit_and_wait(&mut self.ring, 1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => continue,
+                Err(e) => return Err(Error::os("io_uring_enter", e).queue(self.cfg.q)),
+            }
+            if let Some(c) = self.ring.completion().next() {
+                break c.result();
+            }
+        };
+        if res != 0 {
+            return Err(
+                Error::os("PREP_IO_CMDS", io::Error::from_raw_os_error(-res)).queue(self.cfg.q)
+            );
+        }
+        for t in &mut self.tags {
+            t.fetch();
+        }
+        self.arm_fetch();
+        Ok(())
+    }
+
+    fn arm_fetch(&mut self) {
+        let Some(b) = self.batch.as_ref() else { return };
+        let ud = UserData { tag: 0, kind: Kind::Ublk, sub: BATCH_FETCH, gen: 0 };
+        let sqe = b.fetch().user_data(ud.encode());
+        self.fetch_armed = true;
+        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        // SAFETY: the FETCH writes only into the provided buffers, which live in `self.batch`
+        // and outlive the ring (field order).
+        unsafe { push_sqe(&mut self.ring, &sqe) };
+    }
+
+    /// Batch mode: one COMMIT_IO_CMDS for the results staged since the last one.
+    fn push_commits(&mut self) {
+        let Some(b) = self.batch.as_mut() else { return };
+        let Some((slot, sqe)) = b.commit() else { return };
+        let ud = UserData { tag: slot as u16, kind: Kind::Ublk, sub: BATCH_COMMIT, gen: 0 };
+        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        // SAFETY: the element array stays in `self.batch`, untouched, until the completion.
+        unsafe { push_sqe(&mut self.ring, &sqe.user_data(ud.encode())) };
+    }
+
+    fn dispatch_batch(&mut self, sub: u8, slot: u16, res: i32, flags: u32) {
+        match sub {
+            BATCH_FETCH => {
+                let mut tags = [0u16; MAX_TAGS_PER_CQE];
+                let n = self.batch.as_mut().map_or(0, |b| b.fetched(res, flags, &mut tags));
+                for &tag in &tags[..n] {
+                    match self.tags.get(usize::from(tag)).map(|t| t.state) {
+                        Some(TagState::Fetching) => self.deliver(tag),
+                        s => debug_assert!(false, "FETCH delivered tag {tag} in {s:?}"),
+                    }
+                }
+                if io_uring::cqueue::more(flags) {
+                    return;
+                }
+                self.fetch_armed = false;
+                if res == -libc::ENOBUFS || (res >= 0 && !self.stopping) {
+                    // Out of buffers (or CQ space): the undelivered tags wait in the driver.
+                    self.arm_fetch();
+                    return;
+                }
+                if res != UBLK_IO_RES_ABORT {
+                    eprintln!(
+                        "ublk-fast: dev {} queue {}: FETCH_IO_CMDS failed: {}",
+                        self.cfg.dev_id,
+                        self.cfg.q,
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+                // The queue is going away: every tag the driver held is aborted.
+                for t in &mut self.tags {
+                    if t.state == TagState::Fetching {
+                        t.finish();
+                    }
+                }
+                self.live_tags = 0;
+            }
+            BATCH_COMMIT => self.batch_committed(usize::from(slot), res),
+            _ => debug_assert!(false, "unexpected batch completion {sub} res {res}"),
+        }
+    }
+
+    /// A COMMIT completed. Elements the driver did not apply leave their tags with us: the
+    /// refused one is lost (logged), the ones after it are committed again.
+    fn batch_committed(&mut self, slot: usize, res: i32) {
+        let Some(b) = self.batch.as_mut() else { return };
+        let Committed::Stopped { at, errno } = b.committed(slot, res) else { return };
+        let going_away = self.live_tags == 0;
+        let mut i = at;
+        while let Some((tag, result)) = b.element(slot, i) {
+            if i == at || going_away {
+                if !going_away {
+                    let why = errno
+                        .map_or("refused".into(), |e| io::Error::from_raw_os_error(e).to_string());
+                    eprintln!(
+                        "ublk-fast: dev {} queue {} tag {tag}: COMMIT_IO_CMDS: {why}",
+                        self.cfg.dev_id, self.cfg.q
+                    );
+                }
+                if self.tags[usize::from(tag)].state == TagState::Fetching {
+                    self.tags[usize::from(tag)].finish();
+                }
+            } else {
+                b.stage(tag, result);
+            }
+            i += 1;
+        }
+        b.release(slot);
     }
 
     /// Commits a finished request (and fetches the tag's next one).
@@ -566,10 +735,15 @@ impl Queue {
             let ns = self.now_ns.saturating_sub(self.start_ns[usize::from(tag)]);
             stats.lat[i].record(ns, res < 0);
         }
+        let batch = self.batch.is_some();
         if std::mem::take(&mut self.manual_reg[usize::from(tag)]) {
-            // The request completes only once its buffer is unregistered: do that first.
-            self.push_buf_cmd(tag, ENGINE_UNREG, true);
+            // The request completes only once its buffer is unregistered: do that first (in
+            // batch mode the COMMIT follows later in the same submission order).
+            self.push_buf_cmd(tag, ENGINE_UNREG, !batch);
         }
-        self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
+        match self.batch.as_mut() {
+            Some(b) => b.stage(tag, res),
+            None => self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res),
+        }
     }
 }

@@ -277,6 +277,24 @@ pub struct ublk_elem_header {
     pub result: i32,
 }
 
+impl ublk_elem_header {
+    pub fn to_bytes(self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0..2].copy_from_slice(&self.tag.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.buf_index.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.result.to_ne_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: [u8; 8]) -> Self {
+        ublk_elem_header {
+            tag: u16::from_ne_bytes([b[0], b[1]]),
+            buf_index: u16::from_ne_bytes([b[2], b[3]]),
+            result: i32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        }
+    }
+}
+
 pub const UBLK_BATCH_F_HAS_ZONE_LBA: u16 = 1 << 0;
 pub const UBLK_BATCH_F_HAS_BUF_ADDR: u16 = 1 << 1;
 pub const UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK: u16 = 1 << 2;
@@ -290,6 +308,19 @@ pub struct ublk_batch_io {
     pub elem_bytes: u8,
     pub reserved: u8,
     pub reserved2: u64,
+}
+
+impl ublk_batch_io {
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..2].copy_from_slice(&self.q_id.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.flags.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.nr_elem.to_ne_bytes());
+        b[6] = self.elem_bytes;
+        b[7] = self.reserved;
+        b[8..16].copy_from_slice(&self.reserved2.to_ne_bytes());
+        b
+    }
 }
 
 /// UBLK_U_CMD_REG_BUF argument (UBLK_F_SHMEM_ZC).
@@ -608,6 +639,21 @@ mod tests {
         // SAFETY: ublksrv_io_cmd is repr(C), 16 bytes, no padding; reading its bytes is sound.
         let raw: [u8; 16] = unsafe { std::mem::transmute(c) };
         assert_eq!(b, raw);
+    }
+
+    #[test]
+    fn batch_bytes_are_the_struct_bytes() {
+        let c =
+            ublk_batch_io { q_id: 3, flags: 6, nr_elem: 77, elem_bytes: 16, ..Default::default() };
+        // SAFETY: ublk_batch_io is repr(C), 16 bytes, no padding; reading its bytes is sound.
+        let raw: [u8; 16] = unsafe { std::mem::transmute(c) };
+        assert_eq!(c.to_bytes(), raw);
+        let e = ublk_elem_header { tag: 9, buf_index: 9, result: -28 };
+        // SAFETY: ublk_elem_header is repr(C), 8 bytes, no padding.
+        let raw: [u8; 8] = unsafe { std::mem::transmute(e) };
+        assert_eq!(e.to_bytes(), raw);
+        let back = ublk_elem_header::from_bytes(raw);
+        assert_eq!((back.tag, back.buf_index, back.result), (9, 9, -28));
     }
 
     #[test]

@@ -104,6 +104,10 @@ pub struct AddOpts {
     /// instead of letting the driver copy it
     #[arg(long)]
     pub user_copy: bool,
+    /// Talk to the driver with per-queue batch commands (UBLK_F_BATCH_IO, Linux 7.0+): one
+    /// multishot fetch per queue and one commit per loop turn instead of one command per I/O
+    #[arg(long)]
+    pub batch_io: bool,
     /// Pin the --sqpoll thread to this CPU (needs --sqpoll, which may stand on either side of
     /// the target name, so the pair is checked once the options are merged)
     #[arg(long, value_name = "CPU")]
@@ -122,6 +126,7 @@ impl AddOpts {
             && self.recovery.is_none()
             && self.sqpoll.is_none()
             && !self.user_copy
+            && !self.batch_io
             && self.sqpoll_cpu.is_none()
     }
 
@@ -152,6 +157,7 @@ impl AddOpts {
             id: one("--id", self.id, other.id)?,
             foreground: self.foreground || other.foreground,
             user_copy: self.user_copy || other.user_copy,
+            batch_io: self.batch_io || other.batch_io,
             metrics: one("--metrics", self.metrics, other.metrics)?,
             zero_copy: one("--zero-copy", self.zero_copy, other.zero_copy)?,
             recovery: one("--recovery", self.recovery, other.recovery)?,

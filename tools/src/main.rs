@@ -174,6 +174,7 @@ fn add(
         recovery: opts.recovery.map(Into::into).unwrap_or_default(),
         sqpoll,
         user_copy: opts.user_copy,
+        batch: opts.batch_io,
     };
     let run = daemon::Run { cfg, target, metrics, start, argv };
     if opts.foreground {
@@ -238,7 +239,7 @@ fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
 fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
     let only_for_add = |cmd: &str| {
         CliError::usage(format!(
-            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy/--user-copy/--recovery/--sqpoll create devices; they do not apply to `{cmd}`"
+            "--cpus/--queues/--depth/--id/--foreground/--metrics/--zero-copy/--user-copy/--batch-io/--recovery/--sqpoll create devices; they do not apply to `{cmd}`"
         ))
     };
     // Commands that only look at or act on existing devices take no creation options.
