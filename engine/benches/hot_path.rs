@@ -9,6 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
+use ublk_fast_engine::batch::{Batch, Data};
 use ublk_fast_engine::buf::IoBufs;
 use ublk_fast_engine::ring::{self, Enter};
 use ublk_fast_engine::stats::{QueueStats, StatsRegion};
@@ -60,6 +61,22 @@ fn main() {
             .user_data(i);
         black_box(sqe);
     });
+    // BATCH_IO: a loop turn stages its results and builds one COMMIT for all of them.
+    let batch_ring = io_uring::IoUring::new(8).unwrap();
+    match Batch::new(&batch_ring, 0, 128, Data::ZeroCopy, Vec::new()) {
+        Ok(mut b) => {
+            bench("BATCH_IO: stage 32 results + COMMIT SQE build", n / 32, |i| {
+                for k in 0..32 {
+                    b.stage(((i * 32 + k) & 127) as u16, 4096);
+                }
+                let (slot, sqe) = b.commit().unwrap();
+                black_box(sqe);
+                b.committed(slot, 32 * 8);
+            });
+            println!("(BATCH_IO line: 32 requests; divide by 32 for per I/O)");
+        }
+        Err(e) => println!("BATCH_IO: skipped ({e})"),
+    }
     bench("READ_FIXED SQE build", n, |i| {
         let sqe = opcode::ReadFixed::new(types::Fixed(1), std::ptr::null_mut(), 4096, i as u16)
             .offset(i << 12)

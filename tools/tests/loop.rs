@@ -75,13 +75,21 @@ fn fio_verify_on_a_file_backend() {
         ("2", "auto", "--sqpoll"),
         ("1", "off", "--sqpoll=50"),
         ("2", "off", "--user-copy"),
+        ("2", "auto", "--batch-io"),
+        ("1", "off", "--batch-io"),
+        ("2", "off", "--batch-io --user-copy"),
+        ("2", "auto", "--batch-io --sqpoll"),
     ] {
+        if skip_mode(more) {
+            continue;
+        }
         let mut args = vec!["loop", &f, "-q", q, "--zero-copy", zc];
         args.extend(more.split_whitespace());
         let dev = Dev::add(&args);
         let setup = dev.info()["setup"].as_str().unwrap().to_string();
         assert_eq!(setup.contains("SQPOLL"), more.contains("sqpoll"), "{setup}");
         assert_eq!(setup.contains("user copy"), more.contains("user-copy"), "{setup}");
+        assert_eq!(setup.contains("BATCH_IO"), more.contains("batch-io"), "{setup}");
         let ios = fio_verify_matrix(&dev.path);
         println!("file backend, queues={q}, {more}: {ios} I/Os verified, 12 jobs; {setup}");
         assert_eq!(dev.stat("io_errors"), 0);
@@ -387,7 +395,14 @@ fn ext4_in_every_engine_mode() {
         "--zero-copy=auto --sqpoll -q 2",
         "--user-copy",
         "--user-copy --sqpoll -q 2",
+        "--batch-io",
+        "--batch-io --zero-copy=off -q 2",
+        "--batch-io --user-copy",
+        "--batch-io --sqpoll -q 2",
     ] {
+        if skip_mode(mode) {
+            continue;
+        }
         let mut args = vec!["loop", &f];
         args.extend(mode.split_whitespace());
         let dev = Dev::add(&args);

@@ -11,13 +11,24 @@ use common::*;
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn null_device_has_its_size_and_reads_zeros() {
-    for mode in ["--zero-copy=auto", "--zero-copy=off", "--user-copy"] {
-        null_size_and_zeros(mode);
+    for mode in [
+        "--zero-copy=auto",
+        "--zero-copy=off",
+        "--user-copy",
+        "--batch-io",
+        "--batch-io --zero-copy=off",
+        "--batch-io --user-copy",
+    ] {
+        if !skip_mode(mode) {
+            null_size_and_zeros(mode);
+        }
     }
 }
 
 fn null_size_and_zeros(mode: &str) {
-    let dev = Dev::add(&["null", "--size", "1G", "-q", "1", mode]);
+    let mut args = vec!["null", "--size", "1G", "-q", "1"];
+    args.extend(mode.split_whitespace());
+    let dev = Dev::add(&args);
     println!("{mode}: {}", dev.info()["setup"]);
     assert_eq!(sh(&format!("blockdev --getsize64 {}", dev.path)).trim(), "1073741824");
     // Dirty the tag buffers with a write first: null reads must still return zeros.
@@ -57,7 +68,12 @@ fn fio_on_null_with_one_and_two_queues() {
         ("2", "auto", "--sqpoll"),
         ("2", "off", "--sqpoll"),
         ("2", "off", "--user-copy"),
+        ("2", "auto", "--batch-io"),
+        ("1", "off", "--batch-io --sqpoll"),
     ] {
+        if skip_mode(more) {
+            continue;
+        }
         let mut args = vec!["null", "--size", "1G", "-q", q, "--zero-copy", zc];
         args.extend(more.split_whitespace());
         let dev = Dev::add(&args);
@@ -179,6 +195,43 @@ fn del_while_the_device_is_open_does_not_hang() {
     assert!(wait_gone(&dev.path), "{} still there after its last opener closed", dev.path);
     assert!(wait_gone(&format!("/sys/class/ublk-char/ublkc{}", dev.id)));
     dev.id = u32::MAX; // already deleted
+}
+
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn batch_io_is_honoured_or_refused() {
+    if offers("BATCH_IO") {
+        let dev = Dev::add(&["null", "--size", "64M", "-q", "2", "--batch-io"]);
+        let setup = dev.info()["setup"].as_str().unwrap().to_string();
+        assert!(setup.contains("BATCH_IO commands"), "{setup}");
+        // One PREP and one FETCH per queue, then one COMMIT per loop turn however many
+        // requests it finished: never more ublk commands than requests (null has no backend).
+        let r = fio(&[
+            "--name=batch",
+            &format!("--filename={}", dev.path),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=32",
+            "--number_ios=4096",
+        ]);
+        assert_eq!(fio_totals(&r).1, 0);
+        let (reqs, sqes) = (dev.stat("reads"), dev.stat("sqes"));
+        println!(
+            "--batch-io: {reqs} reads, {sqes} SQEs ({:.2} per request); {setup}",
+            sqes as f64 / reqs as f64
+        );
+        assert!(reqs >= 4096);
+        assert!(sqes <= reqs + 4, "{sqes} SQEs for {reqs} requests");
+        dev.del();
+        let dev = Dev::add(&["null", "--size", "64M", "-q", "1"]);
+        assert!(dev.info()["setup"].as_str().unwrap().contains("per-tag commands"));
+        dev.del();
+    } else {
+        println!("this driver has no BATCH_IO: --batch-io must be refused");
+        check_refused(&format!("{} null --batch-io", bin()), "does not offer BATCH_IO");
+    }
 }
 
 #[test]

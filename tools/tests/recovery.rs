@@ -110,14 +110,23 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
     // (recovery mode, queues, zero copy, kill/recover cycles in a row). Only reissue: the
     // other modes fail some writes, and fio's saved verify state counts a failed write as
     // written; `failing_modes_lose_no_acknowledged_write` covers them with its own bookkeeping.
-    let cases = [("reissue", "2", "auto", 5), ("reissue", "1", "off", 1)];
+    let cases = [
+        ("reissue", "2", "auto", "", 5),
+        ("reissue", "1", "off", "", 1),
+        ("reissue", "2", "auto", "--batch-io", 2),
+    ];
     let mut total = 0;
-    for (mode, queues, zc, cycles) in cases {
+    for (mode, queues, zc, more, cycles) in cases {
+        if skip_mode(more) {
+            continue;
+        }
         let f = format!("/tmp/ublk-fast-it-recover-{mode}-{queues}-{zc}.img");
         let dir = format!("/tmp/ublk-fast-it-recover-state-{mode}-{queues}-{zc}");
         sh(&format!("rm -rf {f} {dir} && mkdir {dir} && truncate -s 64M {f}"));
-        let dev =
-            Dev::add(&["loop", &f, "-q", queues, &format!("--recovery={mode}"), "--zero-copy", zc]);
+        let recovery = format!("--recovery={mode}");
+        let mut args = vec!["loop", &f, "-q", queues, &recovery, "--zero-copy", zc];
+        args.extend(more.split_whitespace());
+        let dev = Dev::add(&args);
         for cycle in 1..=cycles {
             let pid = dev.info()["pid"].as_i64().unwrap();
             // This daemon's counters may include the previous cycle's writes.
@@ -147,7 +156,7 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
             assert!(verified > 0, "nothing was acknowledged before the crash");
             total += verified;
             println!(
-                "{mode} q{queues} zero-copy {zc}: crash {cycle}/{cycles} after {before} writes: \
+                "{mode} q{queues} zero-copy {zc} {more}: crash {cycle}/{cycles} after {before} writes: \
                  writer {} ({} KiB written{}), {} KiB acknowledged and verified",
                 if ok { "finished" } else { "failed" },
                 written >> 10,
@@ -260,16 +269,23 @@ fn verify_acked(path: &str, round: u64, acked: &[Option<bool>]) -> u64 {
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn failing_modes_lose_no_acknowledged_write() {
     let mut total = 0;
-    for (mode, queues, zc) in [
-        ("requeue", "1", "auto"),
-        ("requeue", "2", "off"),
-        ("fail-io", "2", "auto"),
-        ("fail-io", "1", "off"),
+    for (mode, queues, zc, more) in [
+        ("requeue", "1", "auto", ""),
+        ("requeue", "2", "off", ""),
+        ("fail-io", "2", "auto", ""),
+        ("fail-io", "1", "off", ""),
+        ("requeue", "2", "off", "--batch-io"),
+        ("fail-io", "1", "auto", "--batch-io"),
     ] {
+        if skip_mode(more) {
+            continue;
+        }
         let f = format!("/tmp/ublk-fast-it-acked-{mode}-{queues}-{zc}.img");
         sh(&format!("rm -f {f} && truncate -s 32M {f}"));
-        let dev =
-            Dev::add(&["loop", &f, "-q", queues, &format!("--recovery={mode}"), "--zero-copy", zc]);
+        let recovery = format!("--recovery={mode}");
+        let mut args = vec!["loop", &f, "-q", queues, &recovery, "--zero-copy", zc];
+        args.extend(more.split_whitespace());
+        let dev = Dev::add(&args);
         let pid = dev.info()["pid"].as_i64().unwrap();
         let path = dev.path.clone();
         let writer = std::thread::spawn(move || write_all_blocks(&path, 8192, 1));
@@ -296,7 +312,7 @@ fn failing_modes_lose_no_acknowledged_write() {
         let verified = verify_acked(&dev.path, 1, &acked);
         total += verified;
         println!(
-            "{mode} q{queues} zero-copy {zc}: killed after {before} writes; {failed} writes \
+            "{mode} q{queues} zero-copy {zc} {more}: killed after {before} writes; {failed} writes \
              failed, {ok} acknowledged: {} KiB read back identical",
             verified >> 10
         );
@@ -413,24 +429,31 @@ fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
         return;
     }
     let f = "/tmp/ublk-fast-it-quiesce.img";
-    sh(&format!("rm -f {f} && truncate -s 64M {f}"));
-    let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
-    let pid = dev.info()["pid"].as_i64().unwrap();
-    let fio = spawn_verified_writes(&dev, "upgrade");
-    std::thread::sleep(Duration::from_millis(1500));
-    let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
-    assert!(o.status.success(), "quiesce failed: {}", stderr(&o));
-    assert!(!daemons().contains(&(pid as i32)), "the old daemon still runs after quiesce");
-    wait_state(&dev, "QUIESCED", Duration::from_secs(10));
-    recover(&dev);
-    wait_state(&dev, "LIVE", Duration::from_secs(5));
-    expect_clean_fio(fio, "hand-over");
-    println!("quiesce + recover under load: 32 MiB verified, 0 fio errors");
+    for more in ["", "--batch-io"] {
+        if skip_mode(more) {
+            continue;
+        }
+        sh(&format!("rm -f {f} && truncate -s 64M {f}"));
+        let mut args = vec!["loop", f, "-q", "2", "--recovery=reissue"];
+        args.extend(more.split_whitespace());
+        let dev = Dev::add(&args);
+        let pid = dev.info()["pid"].as_i64().unwrap();
+        let fio = spawn_verified_writes(&dev, "upgrade");
+        std::thread::sleep(Duration::from_millis(1500));
+        let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
+        assert!(o.status.success(), "quiesce failed: {}", stderr(&o));
+        assert!(!daemons().contains(&(pid as i32)), "the old daemon still runs after quiesce");
+        wait_state(&dev, "QUIESCED", Duration::from_secs(10));
+        recover(&dev);
+        wait_state(&dev, "LIVE", Duration::from_secs(5));
+        expect_clean_fio(fio, "hand-over");
+        println!("quiesce + recover under load {more}: 32 MiB verified, 0 fio errors");
+        dev.del();
+    }
     // A device without --recovery cannot be quiesced.
     let plain = Dev::add(&["null", "--size", "16M"]);
     check_refused(&format!("{} quiesce -n {}", bin(), plain.id), "cannot be quiesced");
     plain.del();
-    dev.del();
     let _ = std::fs::remove_file(f);
 }
 

@@ -67,8 +67,13 @@ fn expect_fio_failed(mut fio: Child, limit: Duration) -> Duration {
 fn del_under_depth_256_load_returns_fast_and_fails_the_io() {
     let f = "/tmp/ublk-fast-it-del-load.img";
     sh(&format!("rm -f {f} && truncate -s 256M {f}"));
-    for zc in ["auto", "off"] {
-        let dev = Dev::add(&["loop", f, "-q", "2", "-d", "256", "--zero-copy", zc]);
+    for (zc, more) in [("auto", ""), ("off", ""), ("auto", "--batch-io")] {
+        if skip_mode(more) {
+            continue;
+        }
+        let mut args = vec!["loop", f, "-q", "2", "-d", "256", "--zero-copy", zc];
+        args.extend(more.split_whitespace());
+        let dev = Dev::add(&args);
         let pid = dev.info()["pid"].as_i64().unwrap() as i32;
         let fio = spawn_heavy_fio(&dev.path);
         // Delete once the load is real: thousands of I/Os done, hundreds in flight.
@@ -89,7 +94,7 @@ fn del_under_depth_256_load_returns_fast_and_fails_the_io() {
         assert!(!dev_ids().contains(&dev.id), "device {} still listed", dev.id);
         assert!(!std::path::Path::new(&format!("/run/ublk-fast/{}.json", dev.id)).exists());
         println!(
-            "zero copy {zc}: del after {busy} I/Os ({in_flight} in flight) returned in \
+            "zero copy {zc} {more}: del after {busy} I/Os ({in_flight} in flight) returned in \
              {del_took:.1?}; fio failed {fio_took:.1?} later; daemon gone"
         );
         std::mem::forget(dev);

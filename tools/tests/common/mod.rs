@@ -25,6 +25,22 @@ pub fn require_driver() {
     );
 }
 
+/// Whether the driver offers a feature, by the name `ublk-fast features` prints.
+pub fn offers(feature: &str) -> bool {
+    require_driver();
+    stdout(&ublk(&["features"])).split_whitespace().any(|w| w == feature)
+}
+
+/// True (and says so) when a mode needs a driver feature this kernel lacks: the caller skips
+/// that mode instead of failing or passing it.
+pub fn skip_mode(mode: &str) -> bool {
+    if mode.contains("--batch-io") && !offers("BATCH_IO") {
+        println!("SKIP {mode}: this ublk driver does not offer BATCH_IO (Linux 7.0+)");
+        return true;
+    }
+    false
+}
+
 pub fn ublk(args: &[&str]) -> Output {
     Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("run ublk-fast")
 }
