@@ -423,7 +423,9 @@ impl Queue {
         self.live_tags = usize::from(self.cfg.depth);
         self.arm_stop();
         loop {
-            self.push_commits();
+            // A COMMIT completes while it is submitted: wait for one completion more than it,
+            // or the wait returns at once for the COMMIT alone (an extra enter per turn at qd1).
+            let want = 1 + u32::from(self.push_commits());
             let done = self.live_tags == 0 || self.stopping;
             if done && self.backend_inflight == 0 {
                 // Hand the last commits to the kernel before the ring goes away.
@@ -432,7 +434,7 @@ impl Queue {
             }
             let stats = self.cfg.stats.queue(self.cfg.q);
             QueueStats::bump(&stats.ring_enters, 1);
-            match self.enter.submit_and_wait(&mut self.ring, 1) {
+            match self.enter.submit_and_wait(&mut self.ring, want) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -617,14 +619,16 @@ impl Queue {
         unsafe { push_sqe(&mut self.ring, &sqe) };
     }
 
-    /// Batch mode: one COMMIT_IO_CMDS for the results staged since the last one.
-    fn push_commits(&mut self) {
-        let Some(b) = self.batch.as_mut() else { return };
-        let Some((slot, sqe)) = b.commit() else { return };
+    /// Batch mode: one COMMIT_IO_CMDS for the results staged since the last one. True if one
+    /// was queued.
+    fn push_commits(&mut self) -> bool {
+        let Some(b) = self.batch.as_mut() else { return false };
+        let Some((slot, sqe)) = b.commit() else { return false };
         let ud = UserData { tag: slot as u16, kind: Kind::Ublk, sub: BATCH_COMMIT, gen: 0 };
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
         // SAFETY: the element array stays in `self.batch`, untouched, until the completion.
         unsafe { push_sqe(&mut self.ring, &sqe.user_data(ud.encode())) };
+        true
     }
 
     fn dispatch_batch(&mut self, sub: u8, slot: u16, res: i32, flags: u32) {
