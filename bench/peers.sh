@@ -1,27 +1,32 @@
 #!/bin/bash
 # Guest side of `bench/run.sh peers`: ublk-fast against its peers in one boot, alternating, RUNS
 # runs each, fio io_uring direct, medians. Peers: kernel null_blk (the floor for null), the
-# kernel loop driver (direct I/O), and rublk (libublk's generic targets) where its binary exists.
+# kernel loop driver (direct I/O), rublk (libublk's generic targets) where its binary exists, and
+# fuse-loop: the kernel loop driver (direct I/O) on a file of a FUSE server, bench/fuse-file
+# (O_DIRECT backing file, FOPEN_DIRECT_IO, one thread per vCPU), serving the same backing file.
 #   peers.sh OUT.md [RUNTIME_S] [RUNS]
 # Environment:
 #   UBLK_FAST_BIN  the ublk-fast binary (default target/release/ublk-fast)
 #   RUBLK_BIN      the rublk binary (default /var/tmp/ublk-fast-peers/bin/rublk); missing: skipped
-#   PEERS          which peers, space-separated (default: $DEFAULT_PEERS below; uf-loop-copy is
-#                  left out there because bench/run.sh loop already measures copy mode for loop;
-#                  the engine modes uf-null-ucopy (--user-copy), uf-null-sqpoll and
-#                  uf-loop-sqpoll (--sqpoll) are there to be asked for)
+#   FUSE_FILE_BIN  the fuse-file binary (default bench/fuse-file/target/release/fuse-file, built by
+#                  bench/run.sh peers); missing: skipped
+#   PEERS          which peers, space-separated (default: $DEFAULT_PEERS below: every engine
+#                  mode for null, zero copy, batch and SQPOLL for loop; uf-loop-copy and
+#                  uf-null-ucopy (--user-copy) are there to be asked for)
 # A peer that cannot run (binary or module missing, device creation fails) is skipped with a
 # printed reason; the script does not fail for it.
 set -euo pipefail
 OUT=$1; RT=${2:-5}; RUNS=${3:-3}
 B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
 R=${RUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/rublk}
-ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll null_blk rublk-null rublk-null-copy uf-loop uf-loop-copy uf-loop-sqpoll kernel-loop rublk-loop"
-DEFAULT_PEERS="uf-null uf-null-copy null_blk rublk-null rublk-null-copy uf-loop kernel-loop rublk-loop"
+F=${FUSE_FILE_BIN:-$(pwd)/bench/fuse-file/target/release/fuse-file}
+ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll uf-null-batch null_blk rublk-null rublk-null-copy uf-loop uf-loop-copy uf-loop-sqpoll uf-loop-batch kernel-loop fuse-loop rublk-loop"
+DEFAULT_PEERS="uf-null uf-null-copy uf-null-batch uf-null-sqpoll null_blk rublk-null rublk-null-copy uf-loop uf-loop-batch uf-loop-sqpoll kernel-loop fuse-loop rublk-loop"
 PEERS=${PEERS:-$DEFAULT_PEERS}
 NQ=$(nproc); DEPTH=128; RUBLK_ID=50
 W=$(mktemp -d /tmp/bench.XXXX)
 IMG=/tmp/bench-backing.img
+MNT=/tmp/bench-fuse   # fuse-loop's mount point; its file is $MNT/disk
 # rw:bs:iodepth:numjobs
 JOBS="randread:4k:1:1 randread:4k:64:1 randread:4k:64:2 randwrite:4k:1:1 randwrite:4k:64:1 randwrite:4k:64:2 read:128k:32:1"
 TCK=$(getconf CLK_TCK)
@@ -32,13 +37,22 @@ teardown() { # the current peer's device
     uf-*) "$B" del -n "${DEV#/dev/ublkb}" ;;
     rublk-*) "$R" del -n "$RUBLK_ID" ;;
     kernel-loop) losetup -d "$DEV" ;;
+    fuse-loop) fuse_teardown ;;
   esac
   CUR=""; DEV=""; DPID=""
+}
+fuse_teardown() { # loop device first (it holds the FUSE file open), then the server, which unmounts
+  local rc=0
+  [ -n "$DEV" ] && losetup -d "$DEV"
+  if [ -n "$DPID" ]; then kill -TERM "$DPID" 2>/dev/null || true; wait "$DPID" || rc=$?; fi
+  [ $rc = 0 ] || echo "peers: fuse-file exited with status $rc (log: $(tail -n 3 "$W/fuse-file.log" | tr '\n' ' '))" >&2
+  if mountpoint -q "$MNT"; then umount "$MNT" || umount -l "$MNT"; fi
 }
 cleanup() {
   set +e
   [ -n "$CUR" ] && teardown
   lsmod | grep -q '^null_blk' && rmmod null_blk
+  [ -d "$MNT" ] && ! mountpoint -q "$MNT" && rmdir "$MNT"
   rm -rf "$W" "$IMG"
 }
 trap cleanup EXIT
@@ -52,6 +66,9 @@ for p in $PEERS; do
   case $p in
     rublk-*) [ -x "$R" ] || skip "$p" "no rublk binary at $R (install: cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk)" ;;
     uf-*|null_blk|kernel-loop) ;;
+    fuse-loop) modprobe fuse 2>/dev/null || true
+      if [ ! -x "$F" ]; then skip "$p" "no fuse-file binary at $F (build: cargo build --release --manifest-path bench/fuse-file/Cargo.toml)"
+      elif [ ! -c /dev/fuse ]; then skip "$p" "no /dev/fuse"; fi ;;
     *) skip "$p" "unknown peer (known: $ALL_PEERS)" ;;
   esac
 done
@@ -72,7 +89,10 @@ CMD[uf-loop-copy]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy off"
 CMD[uf-null-ucopy]="$B null --size 1G -q $NQ -d $DEPTH --user-copy"
 CMD[uf-null-sqpoll]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy on --sqpoll"
 CMD[uf-loop-sqpoll]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy on --sqpoll"
+CMD[uf-null-batch]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy on --batch-io"
+CMD[uf-loop-batch]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy on --batch-io"
 CMD[kernel-loop]="losetup --direct-io=on -f --show $IMG"
+CMD[fuse-loop]="$F --backing $IMG --mountpoint $MNT --threads $NQ; losetup --direct-io=on -f --show $MNT/disk"
 CMD[rublk-null]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet"
 CMD[rublk-null-copy]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --quiet"
 CMD[rublk-loop]="$R add loop -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet -f $IMG"
@@ -83,6 +103,13 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
     null_blk) DEV=/dev/nullb0; [ -b $DEV ] || return 1 ;;
     kernel-loop) DEV=$(${CMD[$p]}) || return 1 ;;
     uf-*) DEV=$(${CMD[$p]}) || return 1 ;;
+    fuse-loop) mkdir -p "$MNT"
+      "$F" --backing "$IMG" --mountpoint "$MNT" --threads "$NQ" 2>>"$W/fuse-file.log" &
+      DPID=$!; CUR=$p
+      # The server mounts, then serves: the file shows once it answers lookups.
+      for _ in $(seq 100); do [ -f "$MNT/disk" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+      [ -f "$MNT/disk" ] || { cat "$W/fuse-file.log" >&2; return 1; }
+      DEV=$(losetup --direct-io=on -f --show "$MNT/disk") || return 1 ;;
     rublk-*) out=$(${CMD[$p]} 2>&1) || { echo "$out" >&2; return 1; }
       DEV=/dev/ublkb$RUBLK_ID
       for _ in $(seq 50); do [ -b $DEV ] && break; sleep 0.1; done
@@ -93,7 +120,11 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
     # The kernel's own record of the serving process works for any ublk server.
     DPID=$("$B" list -n "${DEV#/dev/ublkb}" --json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -1) ;;
   esac
-  if [ "$p" = kernel-loop ]; then echo "kernel-loop: $DEV dio=$(cat /sys/block/${DEV#/dev/}/loop/dio)" >> "$W/notes"; fi
+  case $p in kernel-loop|fuse-loop)
+    # losetup falls back to buffered I/O (dio=0) where the kernel refuses direct I/O on the file.
+    local dio; dio=$(cat "/sys/block/${DEV#/dev/}/loop/dio")
+    echo "$p: $DEV dio=$dio$([ "$dio" = 1 ] || echo ' (direct I/O refused: the loop device is buffered)')" >> "$W/notes" ;;
+  esac
   return 0
 }
 
@@ -105,15 +136,24 @@ sample() {
   read -r r _ _ _ w rest < "/sys/block/${DEV#/dev/}/stat"
   echo "$d $((u + n + s + irq + sirq + st)) $((r + w))"
 }
+# ublk-fast's own counters: SQEs queued and io_uring_enter calls, all queues.
+counts() {
+  case $CUR in uf-*)
+    "$B" list -n "${DEV#/dev/ublkb}" --json |
+      python3 -c 'import json,sys; s=json.load(sys.stdin)[0]["stats"]; print(s["sqes"], s["ring_enters"])' ;;
+  *) echo "0 0" ;;
+  esac
+}
 run_fio() { # job run
   local rw bs qd nj; IFS=: read -r rw bs qd nj <<< "$1"
   local f="$W/$CUR.$1.$2" s0 s1
-  s0=$(sample)
+  c0=$(counts); s0=$(sample)
   fio --name=b --filename="$DEV" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
       --numjobs="$nj" --group_reporting --runtime="$RT" --time_based --ramp_time=1 --size=1G \
       --eta=never --output-format=json --output="$f.json" >/dev/null || { echo "peers: fio failed: $CUR $1" >&2; rm -f "$f.json"; return 0; }
-  s1=$(sample)
+  s1=$(sample); c1=$(counts)
   echo "$s0 $s1 $TCK" > "$f.cpu"
+  echo "$c0 $c1" > "$f.cnt"
 }
 
 for run in $(seq 1 "$RUNS"); do
@@ -152,8 +192,9 @@ def load(p, job, run):
     pc = d["clat_ns"].get("percentile", {})
     d0, b0, i0, d1, b1, i1, tck = map(int, open(base + ".cpu").read().split())
     ios = max(i1 - i0, 1)
+    q0, e0, q1, e1 = map(int, open(base + ".cnt").read().split()) if os.path.exists(base + ".cnt") else (0, 0, 0, 0)
     return [d["iops"], pc.get("50.000000", 0) / 1e3, pc.get("99.000000", 0) / 1e3, pc.get("99.900000", 0) / 1e3,
-            (d1 - d0) / tck * 1e6 / ios, (b1 - b0) / tck * 1e6 / ios]
+            (d1 - d0) / tck * 1e6 / ios, (b1 - b0) / tck * 1e6 / ios, (q1 - q0) / ios, (e1 - e0) / ios]
 
 present = [p for p in peers if p not in skipped]
 med, spread = {}, {}
@@ -161,13 +202,15 @@ for p in present:
     for job in jobs:
         vals = [v for v in (load(p, job, r) for r in range(1, runs + 1)) if v]
         if vals:
-            med[p, job] = [statistics.median(v[k] for v in vals) for k in range(6)]
+            med[p, job] = [statistics.median(v[k] for v in vals) for k in range(8)]
             spread[p, job] = (min(v[0] for v in vals), max(v[0] for v in vals))
 present = [p for p in present if any((p, j) in med for j in jobs)]
-daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-")
+daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-") or p == "fuse-loop"
 PAIRS = [("uf-null", "null_blk"), ("uf-null", "rublk-null"), ("uf-null-copy", "rublk-null-copy"),
-         ("uf-loop", "kernel-loop"), ("uf-loop", "rublk-loop"), ("uf-loop-copy", "kernel-loop"),
-         ("uf-null-ucopy", "rublk-null-copy"), ("uf-null-sqpoll", "uf-null"), ("uf-loop-sqpoll", "uf-loop")]
+         ("uf-loop", "kernel-loop"), ("uf-loop", "rublk-loop"), ("uf-loop", "fuse-loop"), ("uf-loop-copy", "kernel-loop"),
+         ("uf-null-ucopy", "rublk-null-copy"), ("uf-null-sqpoll", "uf-null"), ("uf-loop-sqpoll", "uf-loop"),
+         ("uf-null-batch", "uf-null"), ("uf-loop-batch", "uf-loop"), ("uf-null-batch", "null_blk"),
+         ("uf-loop-batch", "kernel-loop")]
 pairs = [(a, b) for a, b in PAIRS if a in present and b in present]
 GROUPS = [("null", [p for p in present if "null" in p]), ("loop", [p for p in present if "loop" in p])]
 
@@ -176,14 +219,16 @@ def cell(p, job, fmt):
 
 kv = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
 L = []
-L.append("# ublk-fast vs peers: kernel null_blk, kernel loop, rublk\n")
+L.append("# ublk-fast vs peers: kernel null_blk, kernel loop, rublk, loop over FUSE\n")
 L.append(f"Guest kernel {kv}, {os.cpu_count()} vCPUs, **qemu TCG software emulation**: absolute numbers mean little, "
          f"only the ratios inside this one boot do (and they are not what real hardware would show: under TCG every "
          f"instruction costs about the same, so CPU work per I/O dominates). fio io_uring, direct=1, {rt} s per run "
          f"(+1 s ramp), {runs} runs per cell, each run going through the peers in the opposite order of the last; "
          f"medians. Jobs are `rw:bs:iodepth:numjobs` (numjobs 2: `--group_reporting`). Null devices are 1 GiB "
          f"(rublk null is 250 GiB, fio touches 1 GiB); loop devices serve one 1 GiB file on the guest's tmpfs. "
-         f"Every server runs {os.cpu_count()} queues of depth 128.\n")
+         f"Every server runs {os.cpu_count()} queues of depth 128; fuse-loop is the kernel loop driver (direct I/O) on the "
+         f"one file of bench/fuse-file, a FUSE server with {os.cpu_count()} threads (one /dev/fuse clone each) that serves "
+         f"the same backing file with O_DIRECT pread/pwrite and opens it to the kernel with FOPEN_DIRECT_IO.\n")
 L.append("## Peers\n")
 L.append("| peer | command |\n|---|---|")
 for p in peers:
@@ -216,8 +261,8 @@ for g, ps in GROUPS:
         L.append(f"| {job} | " + " | ".join(cell(p, job, lambda v: f"{v[1]:.0f} / {v[2]:.0f} / {v[3]:.0f}") for p in ps) + " |")
     L.append("")
 L.append("## CPU per I/O (µs): server daemon / whole guest\n")
-L.append("Server daemon: utime+stime of the ublk server process (all its threads; stime includes the driver's "
-         "work done in its context, such as the copies in copy mode) over the device's completed I/Os, from before "
+L.append("Server daemon: utime+stime of the server process, ublk or fuse-file (all its threads; stime includes the "
+         "driver's work done in its context, such as the copies in copy mode or FUSE's copies through /dev/fuse) over the device's completed I/Os, from before "
          "fio starts to after it exits (ramp included; 10 ms tick resolution). Whole guest: all busy CPU time "
          "(fio, kernel, server) over the same I/Os; for the kernel peers it is the only figure.\n")
 L.append("| job | " + " | ".join(present) + " |")
@@ -226,6 +271,16 @@ for job in jobs:
     L.append(f"| {job} | " + " | ".join(
         cell(p, job, (lambda v: f"{v[4]:.1f} / {v[5]:.1f}") if daemon(p) else (lambda v: f"– / {v[5]:.1f}"))
         for p in present) + " |")
+ufs = [p for p in present if p.startswith("uf-")]
+if ufs:
+    L.append("\n## ublk-fast's ring work per I/O: SQEs queued / io_uring_enter calls\n")
+    L.append("From the daemon's own counters over the same span as the CPU figures (ramp included). An SQE is a ublk "
+             "command (FETCH/COMMIT, or a batch's PREP/FETCH/COMMIT) or a backend read/write; one enter both submits "
+             "and waits.\n")
+    L.append("| job | " + " | ".join(ufs) + " |")
+    L.append("|---|" + "---:|" * len(ufs))
+    for job in jobs:
+        L.append(f"| {job} | " + " | ".join(cell(p, job, lambda v: f"{v[6]:.2f} / {v[7]:.2f}") for p in ufs) + " |")
 open(out, "w").write("\n".join(L) + "\n")
 print(open(out).read())
 PY

@@ -7,10 +7,14 @@
 #     cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk).
 #     UBLK_FAST_BIN=path uses that binary instead of building target/release; RUBLK_BIN=path,
 #     PEERS="uf-null null_blk ..." (see bench/peers.sh) pick the peer binary and the peers.
+#     The FUSE peer's server (bench/fuse-file, its own crate) is built too, unless
+#     FUSE_FILE_BIN=path names one.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 which=${1:-loop}; RT=${2:-5}; RUNS=${3:-3}
 [ "$which" = peers ] && [ -n "${UBLK_FAST_BIN:-}" ] || cargo build --release --quiet
+[ "$which" != peers ] || [ -n "${FUSE_FILE_BIN:-}" ] ||
+  cargo build --release --quiet --manifest-path bench/fuse-file/Cargo.toml
 mkdir -p bench/results
 d=$(date +%Y-%m-%d)
 case $which in
@@ -18,7 +22,7 @@ case $which in
           bench/loop-vs-kernel.sh "bench/results/$d-loop-vs-kernel.md" "$RT" "$RUNS" ;;
   metrics) tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/metrics-overhead.sh "bench/results/$d-metrics-overhead.md" "$RT" "${3:-5}" ;;
-  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN PEERS" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN FUSE_FILE_BIN PEERS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
   *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers)" >&2; exit 2 ;;
 esac
