@@ -217,7 +217,10 @@ impl Device {
         }
         let mut flags = UBLK_F_CMD_IOCTL_ENCODE & features;
         if zero_copy {
-            flags |= UBLK_F_AUTO_BUF_REG;
+            // SUPPORT_ZERO_COPY lets the queue register a request's buffer itself
+            // (REGISTER_IO_BUF) when the driver's automatic registration fails; it changes
+            // nothing else for an AUTO_BUF_REG device.
+            flags |= UBLK_F_AUTO_BUF_REG | (UBLK_F_SUPPORT_ZERO_COPY & features);
         }
         if cfg.user_copy {
             flags |= UBLK_F_USER_COPY;

@@ -226,10 +226,12 @@ impl Queue {
         let bufs =
             IoBufs::new(depth, cfg.max_io_bytes, !cfg.zero_copy).map_err(|e| e.queue(cfg.q))?;
         if cfg.zero_copy {
-            // The table the driver registers each request's pages into (index = tag).
+            // The table the driver registers each request's pages into (index = tag), and
+            // where the queue registers them itself when that fails (index = depth + tag).
             ring.submitter()
-                .register_buffers_sparse(u32::from(depth))
+                .register_buffers_sparse(2 * u32::from(depth))
                 .map_err(|e| Error::os("register sparse buffer table", e).queue(cfg.q))?;
+            occupy_zc_slots(&ring, &bufs, depth).map_err(|e| e.queue(cfg.q))?;
         } else {
             // SAFETY: the iovecs cover the tags' buffers in `bufs`, which the Queue owns and
             // drops after the ring (field order), so the registration never outlives them.
@@ -340,20 +342,19 @@ impl Queue {
         unsafe { push_sqe(&mut self.ring, &sqe) };
     }
 
-    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the tag's request at fixed index `tag`.
-    fn push_buf_cmd(&mut self, tag: u16, sub: u8, link: bool) {
+    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the tag's request at fixed index depth + tag
+    /// (index tag is where the automatic registration failed).
+    fn push_buf_cmd(&mut self, tag: u16, sub: u8) {
         let op =
             if sub == ENGINE_REG { UBLK_U_IO_REGISTER_IO_BUF } else { UBLK_U_IO_UNREGISTER_IO_BUF };
-        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result: 0, addr: u64::from(tag) };
+        let index = u64::from(self.cfg.depth) + u64::from(tag);
+        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result: 0, addr: index };
         let gen = self.tags[usize::from(tag)].gen;
         let ud = UserData { tag, kind: Kind::Engine, sub, gen };
-        let mut sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
+        let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
             .cmd(cmd.to_bytes())
             .build()
             .user_data(ud.encode());
-        if link {
-            sqe = sqe.flags(squeue::Flags::IO_LINK);
-        }
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
         // SAFETY: the command is copied into the SQE and points at no memory of ours.
         unsafe { push_sqe(&mut self.ring, &sqe) };
@@ -481,13 +482,24 @@ impl Queue {
                 self.backend_inflight -= 1;
                 if res < 0 {
                     self.manual_reg[usize::from(tag)] = false;
+                    self.reqs[usize::from(tag)].buf_index = Some(tag);
                     self.settle(tag, Flow::Done(res));
                 } else {
                     self.start_request(tag);
                 }
             }
-            // Its failure leaves nothing to undo; the commit linked behind it reports.
-            Kind::Engine if ud.sub == ENGINE_UNREG => {}
+            // The request completes once both the commit and this are done; a failure leaves
+            // nothing we could undo.
+            Kind::Engine if ud.sub == ENGINE_UNREG => {
+                if res < 0 {
+                    eprintln!(
+                        "ublk-fast: dev {} queue {} tag {tag}: UNREGISTER_IO_BUF: {}",
+                        self.cfg.dev_id,
+                        self.cfg.q,
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+            }
             Kind::Engine if ud.sub == ENGINE_COPY_IN || ud.sub == ENGINE_COPY_OUT => {
                 if !self.tags[usize::from(tag)].reap(ud.gen) {
                     debug_assert!(false, "stale user-copy CQE for tag {tag}");
@@ -564,9 +576,10 @@ impl Queue {
             // Auto registration failed: register it ourselves, then serve.
             QueueStats::bump(&stats.zero_copy_fallbacks, 1);
             self.manual_reg[usize::from(tag)] = true;
+            self.reqs[usize::from(tag)].buf_index = Some(self.cfg.depth + tag);
             self.tags[usize::from(tag)].issue();
             self.backend_inflight += 1;
-            self.push_buf_cmd(tag, ENGINE_REG, false);
+            self.push_buf_cmd(tag, ENGINE_REG);
         } else if self.cfg.user_copy && desc.op() == UBLK_IO_OP_WRITE {
             // Fetch the data to write into our buffer first.
             let len = self.reqs[usize::from(tag)].bytes() as u32;
@@ -739,15 +752,35 @@ impl Queue {
             let ns = self.now_ns.saturating_sub(self.start_ns[usize::from(tag)]);
             stats.lat[i].record(ns, res < 0);
         }
-        let batch = self.batch.is_some();
         if std::mem::take(&mut self.manual_reg[usize::from(tag)]) {
-            // The request completes only once its buffer is unregistered: do that first (in
-            // batch mode the COMMIT follows later in the same submission order).
-            self.push_buf_cmd(tag, ENGINE_UNREG, !batch);
+            // The request completes only once its buffer is unregistered too (in either
+            // order; not linked, so a failed unregister cannot cancel the commit).
+            self.push_buf_cmd(tag, ENGINE_UNREG);
+            self.reqs[usize::from(tag)].buf_index = Some(tag);
         }
         match self.batch.as_mut() {
             Some(b) => b.stage(tag, res),
             None => self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res),
         }
     }
+}
+
+/// Test hook: `UBLK_FAST_TEST_ZC_BUSY_SLOTS=N` fills the first N automatic-registration slots
+/// of each zero-copy queue with a buffer of ours, so the driver's registration fails for tags
+/// 0..N and their requests take the fallback path (NEED_REG_BUF, registered by the queue).
+fn occupy_zc_slots(ring: &IoUring, bufs: &IoBufs, depth: u16) -> Result<()> {
+    let n = std::env::var("UBLK_FAST_TEST_ZC_BUSY_SLOTS")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+        .unwrap_or(0)
+        .min(depth);
+    if n == 0 {
+        return Ok(());
+    }
+    let iov = libc::iovec { iov_base: bufs.ptr(0) as *mut libc::c_void, iov_len: 4096 };
+    let iovs = vec![iov; usize::from(n)];
+    // SAFETY: the first page of tag 0's buffer, owned by the queue's `bufs`, which outlives the
+    // ring (field order); zero copy never uses it otherwise.
+    unsafe { ring.submitter().register_buffers_update(0, &iovs, None) }
+        .map_err(|e| Error::os("occupy zero-copy slots (test hook)", e))
 }

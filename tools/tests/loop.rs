@@ -64,6 +64,34 @@ fn fio_verify_matrix(dev: &str) -> u64 {
     ios
 }
 
+/// When the driver cannot register a request's pages (here: its slot is taken by a test hook),
+/// the queue registers them itself and serves the request with no error and no copy.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn zero_copy_fallback_registers_the_buffer_itself() {
+    if !offers("AUTO_BUF_REG") || !offers("ZERO_COPY") {
+        println!("SKIP: this ublk driver lacks AUTO_BUF_REG or ZERO_COPY (REGISTER_IO_BUF)");
+        return;
+    }
+    let f = backing("zc-fallback", 128, "/dev/zero");
+    for more in ["", "--batch-io"] {
+        if skip_mode(more) {
+            continue;
+        }
+        let mut args = vec!["loop", &f, "-q", "1", "-d", "16", "--zero-copy", "on"];
+        args.extend(more.split_whitespace());
+        // Tags 0..4 of 16 can never be registered by the driver.
+        let dev = Dev::add_with_env(&args, &[("UBLK_FAST_TEST_ZC_BUSY_SLOTS", "4")]);
+        let ios = fio_verify_matrix(&dev.path);
+        let fallbacks = dev.stat("zero_copy_fallbacks");
+        println!("zero copy {more}: {ios} I/Os verified, {fallbacks} served by the fallback");
+        assert!(fallbacks > 100, "only {fallbacks} fallbacks");
+        assert_eq!(dev.stat("io_errors"), 0);
+        dev.del();
+    }
+    rm(&f);
+}
+
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn fio_verify_on_a_file_backend() {

@@ -73,8 +73,18 @@ pub struct Dev {
 
 impl Dev {
     pub fn add(args: &[&str]) -> Dev {
+        Dev::add_with_env(args, &[])
+    }
+
+    /// `add` with extra environment variables for the daemon (test hooks).
+    pub fn add_with_env(args: &[&str], env: &[(&str, &str)]) -> Dev {
         require_driver();
-        let o = ublk(args);
+        let o = Command::new(bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ublk-fast");
         assert!(o.status.success(), "ublk-fast {args:?} failed: {}", stderr(&o));
         let path = stdout(&o).trim().to_string();
         let id = path
