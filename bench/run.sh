@@ -2,6 +2,8 @@
 # Benchmarks, each in one guest boot (or directly where the host has ublk_drv):
 #   bench/run.sh loop [RUNTIME_S] [RUNS]      -> bench/results/<date>-loop-vs-kernel.md
 #   bench/run.sh metrics [RUNTIME_S] [RUNS]   -> bench/results/<date>-metrics-overhead.md
+#   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
+#     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
 #     ublk-fast null/loop vs kernel null_blk, kernel loop and rublk (if installed:
 #     cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk).
@@ -24,5 +26,7 @@ case $which in
           bench/metrics-overhead.sh "bench/results/$d-metrics-overhead.md" "$RT" "${3:-5}" ;;
   peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN FUSE_FILE_BIN PEERS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
-  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers)" >&2; exit 2 ;;
+  profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
+          bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
+  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, profile)" >&2; exit 2 ;;
 esac

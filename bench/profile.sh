@@ -1,0 +1,62 @@
+#!/bin/bash
+# Guest side of `bench/run.sh profile`: where the CPU goes, by `perf record -a` (cpu-clock: the
+# only event software emulation has) while fio drives one device, for ublk-fast and the kernel
+# peers at qd1 and qd64. The report lists, per case, the share of samples by process and by
+# symbol (kernel and ublk-fast; release builds keep symbols).
+#   profile.sh OUT.md [SECONDS]
+set -euo pipefail
+OUT=$1; S=${2:-4}
+B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
+P=$(command -v perf) || { echo "profile: no perf binary" >&2; exit 1; }
+W=$(mktemp -d /tmp/prof.XXXX)
+IMG=/tmp/prof-backing.img
+modprobe ublk_drv; modprobe loop
+modprobe null_blk queue_mode=2 nr_devices=1 gb=1 irqmode=0 submit_queues="$(nproc)" hw_queue_depth=128
+truncate -s 1G $IMG
+cleanup() { set +e; "$B" del --all >/dev/null 2>&1; losetup -D; rmmod null_blk; rm -rf "$W" $IMG; }
+trap cleanup EXIT
+# case: name|device setup|fio rw|bs|qd
+CASES="uf-null qd1|uf null --size 1G --zero-copy on|randread|4k|1
+uf-null qd64|uf null --size 1G --zero-copy on|randread|4k|64
+uf-null-batch qd64|uf null --size 1G --zero-copy on --batch-io|randread|4k|64
+null_blk qd1|nullb|randread|4k|1
+null_blk qd64|nullb|randread|4k|64
+uf-loop qd64|uf loop $IMG --zero-copy on|randwrite|4k|64
+kernel-loop qd64|kloop|randwrite|4k|64"
+{
+  echo "# Where the CPU goes: perf in the guest"
+  echo
+  echo "Guest kernel $(uname -r), $(nproc) vCPUs, **qemu TCG software emulation** (every instruction costs"
+  echo "about the same, so these shares show work done, not cache or pipeline effects). \`perf record -a -e"
+  echo "cpu-clock -F 499\` for ${S} s while fio (io_uring, direct, 1 job) runs; shares of all samples."
+} > "$OUT"
+while IFS='|' read -r name setup rw bs qd; do
+  case $setup in
+    uf\ *) DEV=$($B ${setup#uf }) ;;
+    nullb) DEV=/dev/nullb0 ;;
+    kloop) DEV=$(losetup --direct-io=on -f --show $IMG) ;;
+  esac
+  fio --name=p --filename="$DEV" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
+      --runtime=$((S + 3)) --time_based --size=1G --eta=never --output-format=json --output="$W/fio.json" >/dev/null &
+  FIO=$!
+  sleep 1.5
+  "$P" record -a -e cpu-clock -F 499 -o "$W/perf.data" -- sleep "$S" >/dev/null 2>&1
+  wait $FIO
+  iops=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["read"]["iops"] + j["write"]["iops"]))' "$W/fio.json")
+  {
+    echo
+    echo "## $name ($rw $bs, qd$qd): $iops IOPS"
+    echo
+    echo '```'
+    "$P" report -i "$W/perf.data" --stdio --sort comm --percent-limit 2 2>/dev/null | grep -v '^#' | sed '/^$/d' | head -8
+    echo
+    "$P" report -i "$W/perf.data" --stdio --sort comm,sym --percent-limit 1.5 2>/dev/null | grep -v '^#' | sed '/^$/d' | head -25
+    echo '```'
+  } >> "$OUT"
+  case $setup in
+    uf\ *) $B del -n "${DEV#/dev/ublkb}" ;;
+    kloop) losetup -d "$DEV" ;;
+  esac
+  echo "profile: $name done" >&2
+done <<< "$CASES"
+cat "$OUT"
