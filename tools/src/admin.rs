@@ -190,6 +190,17 @@ pub fn quiesce(id: u32, timeout_ms: u64) -> Result<(), CliError> {
             "device {id} cannot be quiesced: create it with --recovery (on a driver offering QUIESCE)"
         )));
     }
+    if info.flags & ublk_fast_engine::uapi::UBLK_F_BATCH_IO != 0 {
+        // The driver does not wait for a batch device's in-flight I/O on QUIESCE_DEV (its
+        // idle wait returns at once for BATCH_IO): in our tests some writes in flight then
+        // failed with EIO. A crash hand-over loses nothing with --recovery=reissue.
+        return Err(CliError::runtime(format!(
+            "device {id} uses --batch-io, whose in-flight I/O this driver does not drain on quiesce: \
+             to hand it to a new daemon, kill -9 {} and run `ublk-fast recover -n {id}` \
+             (with --recovery=reissue nothing is lost)",
+            info.ublksrv_pid
+        )));
+    }
     c.quiesce_dev(id, timeout_ms).map_err(|e| match e.raw_errno() {
         libc::EBUSY => CliError::runtime(format!(
             "device {id}: I/O did not drain within {timeout_ms} ms; nothing changed, try again"

@@ -429,14 +429,19 @@ fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
         return;
     }
     let f = "/tmp/ublk-fast-it-quiesce.img";
-    for more in ["", "--batch-io"] {
-        if skip_mode(more) {
-            continue;
-        }
+    if !skip_mode("--batch-io") {
+        // The driver does not drain a batch device's in-flight I/O on QUIESCE_DEV (some
+        // writes failed with EIO in one of two runs): quiesce refuses and says what to do.
         sh(&format!("rm -f {f} && truncate -s 64M {f}"));
-        let mut args = vec!["loop", f, "-q", "2", "--recovery=reissue"];
-        args.extend(more.split_whitespace());
-        let dev = Dev::add(&args);
+        let dev = Dev::add(&["loop", f, "--recovery=reissue", "--batch-io"]);
+        let id = dev.id.to_string();
+        check_refused(&format!("{} quiesce -n {id}", bin()), "run `ublk-fast recover -n");
+        assert_eq!(dev.info()["state"], "LIVE", "a refused quiesce changed the device");
+        dev.del();
+    }
+    {
+        sh(&format!("rm -f {f} && truncate -s 64M {f}"));
+        let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
         let pid = dev.info()["pid"].as_i64().unwrap();
         let fio = spawn_verified_writes(&dev, "upgrade");
         std::thread::sleep(Duration::from_millis(1500));
@@ -447,7 +452,7 @@ fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
         recover(&dev);
         wait_state(&dev, "LIVE", Duration::from_secs(5));
         expect_clean_fio(fio, "hand-over");
-        println!("quiesce + recover under load {more}: 32 MiB verified, 0 fio errors");
+        println!("quiesce + recover under load: 32 MiB verified, 0 fio errors");
         dev.del();
     }
     // A device without --recovery cannot be quiesced.
