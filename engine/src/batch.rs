@@ -153,10 +153,9 @@ pub enum Committed {
 /// A queue's BATCH_IO state: element arrays and FETCH buffers, allocated once.
 pub struct Batch {
     q: u16,
-    data: Data,
     flags: u16,
     elem_bytes: usize,
-    /// Copy mode: the address of each tag's buffer.
+    /// Copy mode: the address of each tag's buffer (empty in the other modes).
     buf_addrs: Vec<u64>,
     fetch: TagRing,
     prep: Vec<u8>,
@@ -180,11 +179,12 @@ impl Batch {
             Data::UserCopy => (0, 8),
             Data::Copy => (UBLK_BATCH_F_HAS_BUF_ADDR, 16),
         };
-        assert!(data != Data::Copy || buf_addrs.len() == usize::from(depth));
+        // The elements carry addresses exactly when `buf_addrs` is not empty (`push_elem`).
+        let want = if data == Data::Copy { usize::from(depth) } else { 0 };
+        assert_eq!(buf_addrs.len(), want, "buffer addresses are for copy mode, one per tag");
         let cap = usize::from(depth) * elem_bytes;
         Ok(Batch {
             q,
-            data,
             flags,
             elem_bytes,
             buf_addrs,
@@ -194,17 +194,6 @@ impl Batch {
             slots: std::array::from_fn(|_| Vec::with_capacity(cap)),
             busy: [false; SLOTS],
         })
-    }
-
-    fn push_elem(&self, out: &mut Vec<u8>, tag: u16, result: i32) {
-        debug_assert!(out.len() + self.elem_bytes <= out.capacity(), "more elements than tags");
-        // The fixed-buffer index of zero copy is the tag, as in the per-tag mode; the batch
-        // COMMIT unregisters the index it names, so it must stay the same for a tag.
-        let h = ublk_elem_header { tag, buf_index: tag, result };
-        out.extend_from_slice(&h.to_bytes());
-        if self.data == Data::Copy {
-            out.extend_from_slice(&self.buf_addrs[usize::from(tag)].to_ne_bytes());
-        }
     }
 
     fn cmd(&self, op: u32, elems: &[u8]) -> squeue::Entry {
@@ -223,12 +212,10 @@ impl Batch {
 
     /// PREP_IO_CMDS for tags `0..depth`. The array lives in `self` until the completion.
     pub fn prep(&mut self, depth: u16) -> squeue::Entry {
-        let mut v = std::mem::take(&mut self.prep);
-        v.clear();
+        self.prep.clear();
         for tag in 0..depth {
-            self.push_elem(&mut v, tag, 0);
+            push_elem(&mut self.prep, &self.buf_addrs, tag, 0);
         }
-        self.prep = v;
         self.cmd(UBLK_U_IO_PREP_IO_CMDS, &self.prep)
     }
 
@@ -260,9 +247,7 @@ impl Batch {
 
     /// Queues `tag`'s result for the next COMMIT_IO_CMDS.
     pub fn stage(&mut self, tag: u16, result: i32) {
-        let mut v = std::mem::take(&mut self.staged);
-        self.push_elem(&mut v, tag, result);
-        self.staged = v;
+        push_elem(&mut self.staged, &self.buf_addrs, tag, result);
     }
 
     /// COMMIT_IO_CMDS of everything staged, in a free array (its index is returned with it), or
@@ -282,7 +267,8 @@ impl Batch {
     }
 
     /// Whether any COMMIT is still with the kernel.
-    pub fn commits_in_flight(&self) -> bool {
+    #[cfg(test)]
+    fn commits_in_flight(&self) -> bool {
         self.busy.iter().any(|&b| b)
     }
 
@@ -312,6 +298,20 @@ impl Batch {
     /// Frees commit array `slot` after a `Stopped` completion.
     pub fn release(&mut self, slot: usize) {
         self.busy[slot] = false;
+    }
+}
+
+/// Appends one element. `buf_addrs` holds each tag's buffer in copy mode (the element then
+/// carries it) and is empty otherwise.
+fn push_elem(out: &mut Vec<u8>, buf_addrs: &[u64], tag: u16, result: i32) {
+    let bytes = if buf_addrs.is_empty() { 8 } else { 16 };
+    debug_assert!(out.len() + bytes <= out.capacity(), "more elements than tags");
+    // The fixed-buffer index of zero copy is the tag, as in the per-tag mode; the batch COMMIT
+    // unregisters the index it names, so it must stay the same for a tag.
+    let h = ublk_elem_header { tag, buf_index: tag, result };
+    out.extend_from_slice(&h.to_bytes());
+    if !buf_addrs.is_empty() {
+        out.extend_from_slice(&buf_addrs[usize::from(tag)].to_ne_bytes());
     }
 }
 

@@ -175,8 +175,6 @@ pub struct Queue {
     /// BATCH_IO element arrays and FETCH buffers (after the ring: the kernel may use them
     /// until the ring is gone).
     batch: Option<Batch>,
-    /// The FETCH is armed (batch mode).
-    fetch_armed: bool,
     handler: Box<dyn QueueHandler>,
     tags: Vec<Tag>,
     reqs: Vec<Request>,
@@ -272,7 +270,6 @@ impl Queue {
             desc,
             bufs,
             batch,
-            fetch_armed: false,
             handler,
             tags: vec![Tag::new(); usize::from(depth)],
             reqs,
@@ -625,7 +622,6 @@ impl Queue {
         let Some(b) = self.batch.as_ref() else { return };
         let ud = UserData { tag: 0, kind: Kind::Ublk, sub: BATCH_FETCH, gen: 0 };
         let sqe = b.fetch().user_data(ud.encode());
-        self.fetch_armed = true;
         QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
         // SAFETY: the FETCH writes only into the provided buffers, which live in `self.batch`
         // and outlive the ring (field order).
@@ -658,7 +654,6 @@ impl Queue {
                 if io_uring::cqueue::more(flags) {
                     return;
                 }
-                self.fetch_armed = false;
                 if res == -libc::ENOBUFS || (res >= 0 && !self.stopping) {
                     // Out of buffers (or CQ space): the undelivered tags wait in the driver.
                     self.arm_fetch();

@@ -238,8 +238,7 @@ fn batch_io_is_honoured_or_refused() {
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn zero_copy_on_is_honoured_or_refused() {
-    require_driver();
-    let offered = stdout(&ublk(&["features"])).contains("AUTO_BUF_REG");
+    let offered = offers("AUTO_BUF_REG");
     if offered {
         let dev = Dev::add(&["null", "--size", "64M", "--zero-copy", "on"]);
         assert!(uses_zero_copy(&dev));

@@ -423,8 +423,7 @@ fn recover_refuses_what_it_cannot_take_over() {
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
-    require_driver();
-    if !stdout(&ublk(&["features"])).contains("QUIESCE") {
+    if !offers("QUIESCE") {
         println!("SKIP: this ublk driver does not offer QUIESCE");
         return;
     }
