@@ -9,11 +9,14 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
-use ublk_fast_engine::batch::{Batch, Data};
+use ublk_fast_engine::batch::Batch;
 use ublk_fast_engine::buf::IoBufs;
+use ublk_fast_engine::mode::Data;
+use ublk_fast_engine::op::{Op, UserData};
+use ublk_fast_engine::queue::Placement;
 use ublk_fast_engine::ring::{self, Enter};
 use ublk_fast_engine::stats::{QueueStats, StatsRegion};
-use ublk_fast_engine::tag::{Kind, Tag, UserData};
+use ublk_fast_engine::tag::Tag;
 use ublk_fast_engine::uapi::*;
 
 fn bench(name: &str, iters: u64, mut f: impl FnMut(u64)) {
@@ -33,7 +36,7 @@ fn main() {
     let n: u64 = if quick { 500_000 } else { 5_000_000 };
     let ring_iters = n / 50;
     bench("user_data encode+decode", n, |i| {
-        let u = UserData { tag: i as u16, kind: Kind::Target, sub: 1, gen: (i >> 3) as u16 };
+        let u = UserData::new(1, i as u16, Op::Target(1), (i >> 3) as u16);
         black_box(UserData::decode(black_box(u.encode())));
     });
     let mut tags = vec![Tag::new(); 128];
@@ -62,8 +65,9 @@ fn main() {
         black_box(sqe);
     });
     // BATCH_IO: a loop turn stages its results and builds one COMMIT for all of them.
-    let batch_ring = io_uring::IoUring::new(8).unwrap();
-    match Batch::new(&batch_ring, 0, 128, Data::ZeroCopy, Vec::new()) {
+    let batch_ring = ring::Ring::new(8, 16, None).unwrap();
+    let at = Placement { slot: 0, file_base: 0, buf_base: 0, bgid: 0 };
+    match Batch::new(&batch_ring, 0, 128, Data::ZeroCopy, Vec::new(), at) {
         Ok(mut b) => {
             bench("BATCH_IO: stage 32 results + COMMIT SQE build", n / 32, |i| {
                 for k in 0..32 {

@@ -15,10 +15,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::error::{Error, Result};
+use crate::mode::Data;
+use crate::queue::Placement;
 use crate::uapi::*;
-
-/// Provided-buffer group of the FETCH buffers (one group per ring).
-const FETCH_GROUP: u16 = 0;
 /// The driver writes at most 128 tags per FETCH completion (`min(len, 256) / 2`).
 pub const MAX_TAGS_PER_CQE: usize = 128;
 const FETCH_BUF_BYTES: usize = MAX_TAGS_PER_CQE * 2;
@@ -31,17 +30,6 @@ const IORING_CQE_F_BUFFER: u32 = 1 << 0;
 /// Offset of the op-flags union (`uring_cmd_flags` for URING_CMD) in an SQE.
 const SQE_OP_FLAGS: usize = 28;
 
-/// How request data moves, which decides the element layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Data {
-    /// AUTO_BUF_REG: each element names the fixed-buffer index (= tag) for the request's pages.
-    ZeroCopy,
-    /// USER_COPY: the server moves the data; elements carry no buffer.
-    UserCopy,
-    /// The driver copies to and from the tag's buffer, whose address each element carries.
-    Copy,
-}
-
 /// The FETCH buffers: an io_uring buffer ring and the buffers it hands out, in one mapping
 /// that only the kernel writes (tags) and this struct reads through raw pointers.
 struct TagRing {
@@ -51,10 +39,12 @@ struct TagRing {
     ring_bytes: usize,
     entries: u16,
     tail: u16,
+    /// Its provided-buffer group on the ring (one per queue).
+    group: u16,
 }
 
 impl TagRing {
-    fn new(ring: &IoUring, depth: u16) -> Result<TagRing> {
+    fn new(ring: &IoUring, depth: u16, group: u16) -> Result<TagRing> {
         // Every FETCH completion carries at least one tag and uses one buffer, and a tag is
         // delivered again only after it was committed, so `depth` buffers never run out
         // between two drains.
@@ -75,17 +65,15 @@ impl TagRing {
         if p == libc::MAP_FAILED {
             return Err(Error::last_os("mmap FETCH buffer ring"));
         }
-        let mut t = TagRing { base: p as *mut u8, len, ring_bytes, entries, tail: 0 };
+        let mut t = TagRing { base: p as *mut u8, len, ring_bytes, entries, tail: 0, group };
         for bid in 0..entries {
             t.provide(bid);
         }
         t.publish();
         // SAFETY: the ring entries and buffers live in `t`'s mapping, which the queue drops only
-        // after the io_uring that the ring is registered with (field order in `Queue`).
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(t.base as u64, entries, FETCH_GROUP, 0)
-        }
-        .map_err(|e| Error::os("register FETCH buffer ring", e))?;
+        // after the io_uring that the ring is registered with (field order in `Core`).
+        unsafe { ring.submitter().register_buf_ring_with_flags(t.base as u64, entries, group, 0) }
+            .map_err(|e| Error::os("register FETCH buffer ring", e))?;
         Ok(t)
     }
 
@@ -153,6 +141,10 @@ pub enum Committed {
 /// A queue's BATCH_IO state: element arrays and FETCH buffers, allocated once.
 pub struct Batch {
     q: u16,
+    /// Fixed-file index of `/dev/ublkcN` on the ring.
+    cdev: u32,
+    /// Zero copy: tag t's pages are the ring's fixed buffer `buf_base + t`.
+    buf_base: u16,
     flags: u16,
     elem_bytes: usize,
     /// Copy mode: the address of each tag's buffer (empty in the other modes).
@@ -166,13 +158,26 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// `buf_addrs`: each tag's buffer in copy mode (empty otherwise).
+    /// `buf_addrs`: each tag's buffer in copy mode (empty otherwise); `at`: the queue's share
+    /// of the ring (its char device's fixed file, fixed buffers and FETCH buffer group).
     pub fn new(
+        ring: &crate::ring::Ring,
+        q: u16,
+        depth: u16,
+        data: Data,
+        buf_addrs: Vec<u64>,
+        at: Placement,
+    ) -> Result<Batch> {
+        Batch::on(&ring.uring, q, depth, data, buf_addrs, at)
+    }
+
+    fn on(
         ring: &IoUring,
         q: u16,
         depth: u16,
         data: Data,
         buf_addrs: Vec<u64>,
+        at: Placement,
     ) -> Result<Batch> {
         let (flags, elem_bytes) = match data {
             Data::ZeroCopy => (UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK, 8),
@@ -185,10 +190,12 @@ impl Batch {
         let cap = usize::from(depth) * elem_bytes;
         Ok(Batch {
             q,
+            cdev: at.file_base,
+            buf_base: at.buf_base,
             flags,
             elem_bytes,
             buf_addrs,
-            fetch: TagRing::new(ring, depth)?,
+            fetch: TagRing::new(ring, depth, at.bgid)?,
             prep: Vec::with_capacity(cap),
             staged: Vec::with_capacity(cap),
             slots: std::array::from_fn(|_| Vec::with_capacity(cap)),
@@ -204,7 +211,7 @@ impl Batch {
             elem_bytes: self.elem_bytes as u8,
             ..Default::default()
         };
-        opcode::UringCmd16::new(types::Fixed(crate::queue::CDEV_FIXED), op)
+        opcode::UringCmd16::new(types::Fixed(self.cdev), op)
             .cmd(cmd.to_bytes())
             .addr(Some(elems.as_ptr() as u64))
             .build()
@@ -214,7 +221,7 @@ impl Batch {
     pub fn prep(&mut self, depth: u16) -> squeue::Entry {
         self.prep.clear();
         for tag in 0..depth {
-            push_elem(&mut self.prep, &self.buf_addrs, tag, 0);
+            push_elem(&mut self.prep, &self.buf_addrs, self.buf_base, tag, 0);
         }
         self.cmd(UBLK_U_IO_PREP_IO_CMDS, &self.prep)
     }
@@ -222,18 +229,15 @@ impl Batch {
     /// The multishot FETCH_IO_CMDS, taking its buffers from the FETCH group.
     pub fn fetch(&self) -> squeue::Entry {
         let cmd = ublk_batch_io { q_id: self.q, elem_bytes: 2, ..Default::default() };
-        let sqe = opcode::UringCmd16::new(
-            types::Fixed(crate::queue::CDEV_FIXED),
-            UBLK_U_IO_FETCH_IO_CMDS,
-        )
-        .cmd(cmd.to_bytes())
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT);
+        let sqe = opcode::UringCmd16::new(types::Fixed(self.cdev), UBLK_U_IO_FETCH_IO_CMDS)
+            .cmd(cmd.to_bytes())
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
         let mut raw = sqe_bytes(sqe);
         raw[SQE_OP_FLAGS..SQE_OP_FLAGS + 4]
             .copy_from_slice(&IORING_URING_CMD_MULTISHOT.to_ne_bytes());
         // buf_group shares the u16 at offset 40 with buf_index.
-        raw[40..42].copy_from_slice(&FETCH_GROUP.to_ne_bytes());
+        raw[40..42].copy_from_slice(&self.fetch.group.to_ne_bytes());
         sqe_from_bytes(raw)
     }
 
@@ -247,7 +251,7 @@ impl Batch {
 
     /// Queues `tag`'s result for the next COMMIT_IO_CMDS.
     pub fn stage(&mut self, tag: u16, result: i32) {
-        push_elem(&mut self.staged, &self.buf_addrs, tag, result);
+        push_elem(&mut self.staged, &self.buf_addrs, self.buf_base, tag, result);
     }
 
     /// COMMIT_IO_CMDS of everything staged, in a free array (its index is returned with it), or
@@ -303,12 +307,12 @@ impl Batch {
 
 /// Appends one element. `buf_addrs` holds each tag's buffer in copy mode (the element then
 /// carries it) and is empty otherwise.
-fn push_elem(out: &mut Vec<u8>, buf_addrs: &[u64], tag: u16, result: i32) {
+fn push_elem(out: &mut Vec<u8>, buf_addrs: &[u64], buf_base: u16, tag: u16, result: i32) {
     let bytes = if buf_addrs.is_empty() { 8 } else { 16 };
     debug_assert!(out.len() + bytes <= out.capacity(), "more elements than tags");
-    // The fixed-buffer index of zero copy is the tag, as in the per-tag mode; the batch COMMIT
-    // unregisters the index it names, so it must stay the same for a tag.
-    let h = ublk_elem_header { tag, buf_index: tag, result };
+    // The fixed-buffer index of zero copy is the queue's base + tag, as in the per-tag mode; the
+    // batch COMMIT unregisters the index it names, so it must stay the same for a tag.
+    let h = ublk_elem_header { tag, buf_index: buf_base.wrapping_add(tag), result };
     out.extend_from_slice(&h.to_bytes());
     if !buf_addrs.is_empty() {
         out.extend_from_slice(&buf_addrs[usize::from(tag)].to_ne_bytes());
@@ -334,10 +338,14 @@ mod tests {
         IoUring::new(8).ok()
     }
 
+    fn at(bgid: u16) -> Placement {
+        Placement { slot: 0, file_base: 3, buf_base: 16, bgid }
+    }
+
     #[test]
     fn fetch_sqe_is_multishot_with_buffer_select() {
         let Some(r) = ring() else { return };
-        let Ok(b) = Batch::new(&r, 1, 4, Data::ZeroCopy, Vec::new()) else {
+        let Ok(b) = Batch::on(&r, 1, 4, Data::ZeroCopy, Vec::new(), at(5)) else {
             println!("skipped: this kernel has no io_uring buffer rings");
             return;
         };
@@ -345,7 +353,8 @@ mod tests {
         assert_eq!(raw[0], 46, "IORING_OP_URING_CMD");
         assert_eq!(raw[1] & (1 << 5), 1 << 5, "IOSQE_BUFFER_SELECT");
         assert_eq!(u32::from_ne_bytes(raw[28..32].try_into().unwrap()), IORING_URING_CMD_MULTISHOT);
-        assert_eq!(u16::from_ne_bytes(raw[40..42].try_into().unwrap()), FETCH_GROUP);
+        assert_eq!(u16::from_ne_bytes(raw[40..42].try_into().unwrap()), 5, "the queue's group");
+        assert_eq!(i32::from_ne_bytes(raw[4..8].try_into().unwrap()), 3, "its /dev/ublkcN");
         // cmd_op at 8, the ublk_batch_io at 48.
         assert_eq!(u32::from_ne_bytes(raw[8..12].try_into().unwrap()), UBLK_U_IO_FETCH_IO_CMDS);
         assert_eq!(&raw[48..50], &1u16.to_ne_bytes());
@@ -356,7 +365,7 @@ mod tests {
     fn copy_elements_carry_the_buffer_address_and_partial_commits_are_read() {
         let Some(r) = ring() else { return };
         let addrs = vec![0x1000, 0x2000, 0x3000, 0x4000];
-        let Ok(mut b) = Batch::new(&r, 0, 4, Data::Copy, addrs) else { return };
+        let Ok(mut b) = Batch::on(&r, 0, 4, Data::Copy, addrs, at(0)) else { return };
         let raw = sqe_bytes(b.prep(4));
         assert_eq!(u16::from_ne_bytes(raw[50..52].try_into().unwrap()), UBLK_BATCH_F_HAS_BUF_ADDR);
         assert_eq!(u16::from_ne_bytes(raw[52..54].try_into().unwrap()), 4, "nr_elem");
@@ -384,7 +393,7 @@ mod tests {
     #[test]
     fn staged_results_wait_while_every_array_is_busy() {
         let Some(r) = ring() else { return };
-        let Ok(mut b) = Batch::new(&r, 0, 8, Data::UserCopy, Vec::new()) else { return };
+        let Ok(mut b) = Batch::on(&r, 0, 8, Data::UserCopy, Vec::new(), at(0)) else { return };
         let mut slots = Vec::new();
         for tag in 0..SLOTS as u16 {
             b.stage(tag, 0);

@@ -45,6 +45,14 @@ fn ctrl_cmd(dev_id: u32) -> ublksrv_ctrl_cmd {
     ublksrv_ctrl_cmd { dev_id, queue_id: u16::MAX, ..Default::default() }
 }
 
+/// GET_QUEUE_AFFINITY's header: the driver reads the queue from `data[0]`, not from `queue_id`
+/// (which it ignores for this command), so a queue put there would get queue 0's CPUs.
+fn affinity_cmd(dev_id: u32, q: u16) -> ublksrv_ctrl_cmd {
+    let mut c = ctrl_cmd(dev_id);
+    c.data[0] = u64::from(q);
+    c
+}
+
 impl Control {
     pub fn open() -> Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(CONTROL_PATH).map_err(|e| {
@@ -212,8 +220,7 @@ impl Control {
     pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
         // 4096 CPUs; the kernel wants a multiple of sizeof(long) covering nr_cpu_ids.
         let mut mask = [0u64; 64];
-        let mut c = ctrl_cmd(dev_id);
-        c.queue_id = q;
+        let mut c = affinity_cmd(dev_id, q);
         c.addr = mask.as_mut_ptr() as u64;
         c.len = std::mem::size_of_val(&mask) as u16;
         self.run("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, c).map_err(|e| e.queue(q))?;
@@ -240,4 +247,16 @@ pub fn list_dev_ids() -> Vec<u32> {
         .unwrap_or_default();
     ids.sort_unstable();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_affinity_names_the_queue_in_data0() {
+        let c = affinity_cmd(7, 3);
+        assert_eq!(c.dev_id, 7);
+        assert_eq!(c.data[0], 3);
+    }
 }

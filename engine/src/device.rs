@@ -13,10 +13,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::buf::arena_len;
+use crate::core::{Core, CoreConfig};
 use crate::cpus::{pin_current_thread, place_queues};
 use crate::ctrl::Control;
 use crate::error::{Error, Result};
-use crate::queue::{Queue, QueueConfig, QueueExit};
+use crate::mode::{Commands, Data, Mode};
+use crate::queue::{QueueConfig, QueueExit};
 use crate::ring::SqPoll;
 use crate::stats::StatsRegion;
 use crate::target::{Target, TargetParams};
@@ -43,6 +45,46 @@ pub struct DeviceConfig {
     pub user_copy: bool,
     /// UBLK_F_BATCH_IO: per-queue batch commands instead of per-tag FETCH/COMMIT_AND_FETCH.
     pub batch: bool,
+}
+
+/// Decides the engine mode from what was asked, the driver's features and the target.
+pub fn resolve_mode(cfg: &DeviceConfig, features: u64, target_zero_copy: bool) -> Result<Mode> {
+    let data = if cfg.user_copy {
+        if cfg.zero_copy == ZeroCopy::On {
+            return Err(Error::Invalid(
+                "--user-copy and --zero-copy=on are two ways to move the data: pick one".into(),
+            ));
+        }
+        if features & UBLK_F_USER_COPY == 0 {
+            return Err(Error::Invalid(
+                "--user-copy: this kernel's ublk driver does not offer USER_COPY (Linux 6.5+)"
+                    .into(),
+            ));
+        }
+        Data::UserCopy
+    } else if cfg.zero_copy.resolve(features, target_zero_copy)? {
+        Data::ZeroCopy
+    } else {
+        Data::Copy
+    };
+    let commands = if cfg.batch {
+        if features & UBLK_F_BATCH_IO == 0 {
+            return Err(Error::Invalid(
+                "--batch-io: this kernel's ublk driver does not offer BATCH_IO (Linux 7.0+); leave the option out".into(),
+            ));
+        }
+        if cfg.depth < 2 {
+            // Its per-queue event FIFO (a kfifo of `depth` tags) must hold at least two: the
+            // driver refuses ADD_DEV with EINVAL otherwise.
+            return Err(Error::Invalid(
+                "--batch-io needs --depth 2 or more: the driver's BATCH_IO event queue cannot be one tag deep".into(),
+            ));
+        }
+        Commands::Batch
+    } else {
+        Commands::PerTag
+    };
+    Ok(Mode { data, commands })
 }
 
 /// `--recovery`: the device outlives its daemon (UBLK_F_USER_RECOVERY*).
@@ -101,6 +143,62 @@ impl ZeroCopy {
 
 impl DeviceConfig {
     pub const DEFAULT_MAX_IO_BYTES: u32 = 512 * 1024;
+
+    /// This configuration with the geometry the kernel granted (ADD_DEV writes it back, and
+    /// GET_DEV_INFO reports it): it may have fewer queues than asked (at most one per possible
+    /// CPU), and rounds the maximum I/O size to whole pages.
+    pub fn granted(&self, info: &ublksrv_ctrl_dev_info) -> DeviceConfig {
+        DeviceConfig {
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            max_io_bytes: info.max_io_buf_bytes,
+            ..self.clone()
+        }
+    }
+}
+
+/// Bytes of copy buffer a queue may lock before deep queues get smaller per-tag buffers.
+const COPY_ARENA_BUDGET: u64 = 128 << 20;
+/// The smallest per-tag buffer a deep queue gets (larger requests are split by the kernel).
+const COPY_MIN_IO_BYTES: u32 = 16 << 10;
+
+/// The maximum I/O size for a copy-mode queue of `depth` tags: `asked` while depth x asked fits
+/// the per-queue budget (depth <= 256 at 512 KiB), else the largest power of two that does,
+/// but not under 16 KiB. Without it depth 4096 would lock 2 GiB per queue; with it, 128 MiB.
+pub fn copy_max_io_bytes(asked: u32, depth: u16) -> u32 {
+    let fits = COPY_ARENA_BUDGET / u64::from(depth.max(1));
+    if u64::from(asked) <= fits {
+        return asked;
+    }
+    let pow2 = 1u64 << (63 - fits.leading_zeros());
+    (pow2 as u32).clamp(COPY_MIN_IO_BYTES.min(asked), asked)
+}
+
+/// One line for each way the kernel's geometry differs from what was asked.
+fn granted_notices(asked: &DeviceConfig, got: &DeviceConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if got.queues != asked.queues {
+        let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+            .ok()
+            .and_then(|s| crate::cpus::parse_cpu_list(&s).ok())
+            .map_or(0, |c| c.len());
+        out.push(format!(
+            "-q {}: this machine has {possible} CPUs, the device has {} queues (the driver gives \
+             at most one queue per CPU)",
+            asked.queues, got.queues
+        ));
+    }
+    if got.depth != asked.depth {
+        out.push(format!("-d {}: the driver granted queue depth {}", asked.depth, got.depth));
+    }
+    if got.max_io_bytes != asked.max_io_bytes {
+        out.push(format!(
+            "maximum I/O size: asked {} KiB, the driver granted {} KiB",
+            asked.max_io_bytes >> 10,
+            got.max_io_bytes >> 10
+        ));
+    }
+    out
 }
 
 /// Converts a target's parameters into the driver's.
@@ -134,8 +232,10 @@ pub fn ublk_params(p: &TargetParams, max_io_bytes: u32) -> ublk_params {
     out
 }
 
-struct QueueThread {
-    stop: OwnedFd,
+/// A core thread serving some of the device's queues on its own ring.
+struct CoreThread {
+    /// Written to stop the core (see `CoreConfig::wake_fd`).
+    wake: OwnedFd,
     handle: Option<JoinHandle<Result<QueueExit>>>,
 }
 
@@ -145,14 +245,19 @@ pub struct Device {
     pub info: ublksrv_ctrl_dev_info,
     pub features: u64,
     pub queue_cpus: Vec<usize>,
-    queues: Vec<QueueThread>,
+    /// One thread per CPU in `queue_cpus`, each serving the queues placed on that CPU.
+    cores: Vec<CoreThread>,
     pub stats: Option<Arc<StatsRegion>>,
-    /// Whether the queues serve requests from their own pages (AUTO_BUF_REG).
-    pub zero_copy: bool,
+    /// How request data moves and how the queues talk to the driver.
+    pub mode: Mode,
     // Closed after the queue threads are joined (they use its fd).
     cdev: Option<File>,
     /// How the queues are set up (ring flags, buffers), for the daemon's log.
     pub setup: String,
+    /// Where the kernel granted less than was asked (queues, depth, I/O size), one line each.
+    pub notices: Vec<String>,
+    /// The kernel's CPUs for each queue (GET_QUEUE_AFFINITY).
+    pub queue_affinity: Vec<Vec<usize>>,
 }
 
 fn eventfd() -> Result<OwnedFd> {
@@ -196,43 +301,20 @@ impl Device {
     ) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
-        let zero_copy = if cfg.user_copy {
-            if cfg.zero_copy == ZeroCopy::On {
-                return Err(Error::Invalid(
-                    "--user-copy and --zero-copy=on are two ways to move the data: pick one".into(),
-                ));
-            }
-            if features & UBLK_F_USER_COPY == 0 {
-                return Err(Error::Invalid(
-                    "--user-copy: this kernel's ublk driver does not offer USER_COPY (Linux 6.5+)"
-                        .into(),
-                ));
-            }
-            false
-        } else {
-            cfg.zero_copy.resolve(features, target.supports_zero_copy())?
+        let mode = resolve_mode(cfg, features, target.supports_zero_copy())?;
+        // Copy modes lock depth x max I/O per queue: deep queues get smaller buffers.
+        let asked = DeviceConfig {
+            max_io_bytes: if mode.uses_arena() {
+                copy_max_io_bytes(cfg.max_io_bytes, cfg.depth)
+            } else {
+                cfg.max_io_bytes
+            },
+            ..cfg.clone()
         };
-        if !zero_copy {
-            check_memlock(cfg)?;
+        if mode.uses_arena() {
+            check_memlock(&asked)?;
         }
-        let mut flags = UBLK_F_CMD_IOCTL_ENCODE & features;
-        if zero_copy {
-            // SUPPORT_ZERO_COPY lets the queue register a request's buffer itself
-            // (REGISTER_IO_BUF) when the driver's automatic registration fails; it changes
-            // nothing else for an AUTO_BUF_REG device.
-            flags |= UBLK_F_AUTO_BUF_REG | (UBLK_F_SUPPORT_ZERO_COPY & features);
-        }
-        if cfg.user_copy {
-            flags |= UBLK_F_USER_COPY;
-        }
-        if cfg.batch {
-            if features & UBLK_F_BATCH_IO == 0 {
-                return Err(Error::Invalid(
-                    "--batch-io: this kernel's ublk driver does not offer BATCH_IO (Linux 7.0+); leave the option out".into(),
-                ));
-            }
-            flags |= UBLK_F_BATCH_IO;
-        }
+        let mut flags = (UBLK_F_CMD_IOCTL_ENCODE & features) | mode.flags(features);
         let want = cfg.recovery.flags();
         if want & !features != 0 {
             return Err(Error::Invalid(format!(
@@ -246,21 +328,24 @@ impl Device {
             flags |= UBLK_F_QUIESCE & features;
         }
         let mut info = ublksrv_ctrl_dev_info {
-            nr_hw_queues: cfg.queues,
-            queue_depth: cfg.depth,
-            max_io_buf_bytes: cfg.max_io_bytes,
+            nr_hw_queues: asked.queues,
+            queue_depth: asked.depth,
+            max_io_buf_bytes: asked.max_io_bytes,
             dev_id: cfg.dev_id.unwrap_or(u32::MAX),
             flags,
             ..Default::default()
         };
         ctrl.add_dev(&mut info)?;
         on_added(info.dev_id);
-        let mut dev = Device::new(ctrl, info, features, zero_copy);
-        let params = ublk_params(&target.params(), cfg.max_io_bytes);
+        // From here on the kernel's answer is the geometry, not what was asked.
+        let granted = asked.granted(&info);
+        let mut dev = Device::new(ctrl, info, features, mode);
+        dev.notices = granted_notices(&asked, &granted);
+        let params = ublk_params(&target.params(), granted.max_io_bytes);
         let r = dev
             .ctrl
             .set_params(dev.info.dev_id, &params)
-            .and_then(|()| dev.bring_up(cfg, target, false));
+            .and_then(|()| dev.bring_up(&granted, target, false));
         match r {
             Ok(()) => Ok(dev),
             Err(e) => {
@@ -305,19 +390,13 @@ impl Device {
                 Err(e) => return Err(e),
             }
         }
-        let zero_copy = info.flags & UBLK_F_AUTO_BUF_REG != 0;
-        // The kernel's geometry wins over the saved configuration.
-        let cfg = DeviceConfig {
-            queues: info.nr_hw_queues,
-            depth: info.queue_depth,
-            user_copy: info.flags & UBLK_F_USER_COPY != 0,
-            batch: info.flags & UBLK_F_BATCH_IO != 0,
-            ..cfg.clone()
-        };
-        if !zero_copy {
+        // The kernel's geometry and mode win over the saved configuration.
+        let mode = Mode::from_flags(info.flags);
+        let cfg = cfg.granted(&info);
+        if mode.uses_arena() {
             check_memlock(&cfg)?;
         }
-        let mut dev = Device::new(ctrl, info, features, zero_copy);
+        let mut dev = Device::new(ctrl, info, features, mode);
         match dev.bring_up(&cfg, target, true) {
             Ok(()) => Ok(dev),
             Err(e) => {
@@ -329,17 +408,19 @@ impl Device {
     }
 
     /// A device known to the kernel, before its queues exist.
-    fn new(ctrl: Control, info: ublksrv_ctrl_dev_info, features: u64, zero_copy: bool) -> Self {
+    fn new(ctrl: Control, info: ublksrv_ctrl_dev_info, features: u64, mode: Mode) -> Self {
         Device {
             ctrl,
             info,
             features,
             queue_cpus: Vec::new(),
-            queues: Vec::new(),
+            cores: Vec::new(),
             stats: None,
-            zero_copy,
+            mode,
             cdev: None,
             setup: String::new(),
+            notices: Vec::new(),
+            queue_affinity: Vec::new(),
         }
     }
 
@@ -372,6 +453,7 @@ impl Device {
             affinity.push(self.ctrl.queue_affinity(id, q)?);
         }
         self.queue_cpus = place_queues(&cfg.cpus, &affinity);
+        self.queue_affinity = affinity;
         let stats_path = cfg.stats_dir.as_ref().map(|d| d.join(format!("{id}.stats")));
         if let Some(d) = &cfg.stats_dir {
             std::fs::create_dir_all(d).map_err(|e| Error::os("create stats dir", e))?;
@@ -379,42 +461,50 @@ impl Device {
         let stats = Arc::new(StatsRegion::create(stats_path.as_deref(), cfg.queues)?);
         self.stats = Some(Arc::clone(&stats));
 
+        // One core per CPU used, serving every queue placed on that CPU.
+        let mut groups: Vec<(usize, Vec<u16>)> = Vec::new();
+        for (q, &cpu) in self.queue_cpus.iter().enumerate() {
+            match groups.iter_mut().find(|(c, _)| *c == cpu) {
+                Some((_, qs)) => qs.push(q as u16),
+                None => groups.push((cpu, vec![q as u16])),
+            }
+        }
         let (ready_tx, ready_rx) = mpsc::channel::<(u16, Result<Ready>)>();
         let mut sqpoll = cfg.sqpoll;
         let mut ready = 0;
-        for q in 0..cfg.queues {
-            let stop = eventfd()?;
-            let qcfg = QueueConfig {
-                dev_id: id,
-                q,
-                depth: cfg.depth,
-                max_io_bytes: cfg.max_io_bytes,
-                cdev_fd,
-                files: target.files(),
-                stop_fd: stop.as_raw_fd(),
-                stats: Arc::clone(&stats),
-                zero_copy: self.zero_copy,
-                sqpoll,
-                user_copy: cfg.user_copy,
-                batch: cfg.batch,
-            };
-            let cpu = self.queue_cpus[usize::from(q)];
+        for (i, (cpu, qs)) in groups.iter().enumerate() {
+            let wake = eventfd()?;
+            let queues = qs
+                .iter()
+                .map(|&q| QueueConfig {
+                    dev_id: id,
+                    q,
+                    depth: cfg.depth,
+                    max_io_bytes: cfg.max_io_bytes,
+                    cdev_fd,
+                    files: target.files(),
+                    stats: Arc::clone(&stats),
+                    mode: self.mode,
+                })
+                .collect();
+            let ccfg = CoreConfig { cpu: *cpu, sqpoll, wake_fd: wake.as_raw_fd() };
             let target = Arc::clone(&target);
             let tx = ready_tx.clone();
+            let first_q = qs[0];
             let handle = std::thread::Builder::new()
-                .name(format!("ublk{id}q{q}"))
-                .spawn(move || queue_main(qcfg, cpu, target, tx))
-                .map_err(|e| Error::os("spawn queue thread", e).queue(q))?;
-            self.queues.push(QueueThread { stop, handle: Some(handle) });
-            if let (0, Some(p)) = (q, sqpoll.as_mut()) {
-                // The other queues attach to queue 0's SQ thread: wait for its ring.
+                .name(format!("ublk{id}c{cpu}"))
+                .spawn(move || core_main(ccfg, queues, first_q, target, tx))
+                .map_err(|e| Error::os("spawn core thread", e).queue(first_q))?;
+            self.cores.push(CoreThread { wake, handle: Some(handle) });
+            if let (0, Some(p)) = (i, sqpoll.as_mut()) {
+                // The other cores attach to the first core's SQ thread: wait for its ring.
                 let r = self.wait_ready(&ready_rx)?;
                 p.attach_to = Some(r.ring_fd);
                 ready += 1;
             }
         }
         drop(ready_tx);
-        while ready < cfg.queues {
+        while ready < groups.len() {
             self.wait_ready(&ready_rx)?;
             ready += 1;
         }
@@ -439,24 +529,24 @@ impl Device {
                 Ok(r)
             }
             Ok((q, Err(e))) => Err(e.queue(q).dev(self.info.dev_id)),
-            Err(_) => Err(Error::Invalid("a queue thread died during setup".into())),
+            Err(_) => Err(Error::Invalid("a core thread died during setup".into())),
         }
     }
 
-    /// True once any queue thread has ended (the device was stopped or deleted from outside).
+    /// True once any core thread has ended (the device was stopped or deleted from outside).
     pub fn any_queue_ended(&self) -> bool {
-        self.queues.iter().any(|q| q.handle.as_ref().is_none_or(|h| h.is_finished()))
+        self.cores.iter().any(|c| c.handle.as_ref().is_none_or(|h| h.is_finished()))
     }
 
-    /// Tells every queue to stop and joins them. Returns the first queue error.
+    /// Tells every core to stop and joins them. Returns the first error.
     fn join_queues(&mut self) -> Result<QueueExit> {
-        for q in &self.queues {
-            kick(q.stop.as_raw_fd());
+        for c in &self.cores {
+            kick(c.wake.as_raw_fd());
         }
         let mut total = QueueExit::default();
         let mut first_err = None;
-        for q in &mut self.queues {
-            if let Some(h) = q.handle.take() {
+        for c in &mut self.cores {
+            if let Some(h) = c.handle.take() {
                 match h.join() {
                     Ok(Ok(x)) => {
                         total.requests += x.requests;
@@ -466,7 +556,7 @@ impl Device {
                         first_err.get_or_insert(e);
                     }
                     Err(_) => {
-                        first_err.get_or_insert(Error::Invalid("a queue thread panicked".into()));
+                        first_err.get_or_insert(Error::Invalid("a core thread panicked".into()));
                     }
                 }
             }
@@ -575,32 +665,85 @@ fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
-fn queue_main(
-    cfg: QueueConfig,
-    cpu: usize,
+fn core_main(
+    cfg: CoreConfig,
+    queues: Vec<QueueConfig>,
+    first_q: u16,
     target: Arc<dyn Target>,
     ready: mpsc::Sender<(u16, Result<Ready>)>,
 ) -> Result<QueueExit> {
-    let q = cfg.q;
-    let setup = || -> Result<Queue> {
+    let cpu = cfg.cpu;
+    let setup = || -> Result<Core> {
         pin_current_thread(cpu).map_err(|e| Error::os("sched_setaffinity", e))?;
-        // Lets the queue thread allocate memory while the block layer writes back through us.
+        // Lets the core thread allocate memory while the block layer writes back through us.
         // SAFETY: prctl with integer arguments only. Failure (no CAP_SYS_RESOURCE) is harmless.
         unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-        let handler = target.queue_handler(cfg.q, cfg.depth)?;
-        Queue::new(cfg, handler)
+        let mut qs = Vec::with_capacity(queues.len());
+        for qc in queues {
+            let h = target.queue_handler(qc.q, qc.depth).map_err(|e| e.queue(qc.q))?;
+            qs.push((qc, h));
+        }
+        let mut core = Core::new(cfg, qs)?;
+        core.start()?;
+        Ok(core)
     };
-    let mut queue = match setup() {
-        Ok(qu) => {
-            let _ = ready.send((q, Ok(Ready { ring_fd: qu.ring_fd(), setup: qu.describe() })));
-            qu
+    let mut core = match setup() {
+        Ok(c) => {
+            let _ = ready.send((first_q, Ok(Ready { ring_fd: c.ring_fd(), setup: c.describe() })));
+            c
         }
         Err(e) => {
             let msg = e.to_string();
-            let _ = ready.send((q, Err(e)));
+            let _ = ready.send((first_q, Err(e)));
             return Err(Error::Invalid(msg));
         }
     };
     drop(ready);
-    queue.run()
+    core.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_buffers_shrink_only_for_deep_queues() {
+        let max = DeviceConfig::DEFAULT_MAX_IO_BYTES;
+        assert_eq!(copy_max_io_bytes(max, 1), max);
+        assert_eq!(copy_max_io_bytes(max, 128), max);
+        assert_eq!(copy_max_io_bytes(max, 256), max);
+        assert_eq!(copy_max_io_bytes(max, 512), 256 << 10);
+        assert_eq!(copy_max_io_bytes(max, 1024), 128 << 10);
+        assert_eq!(copy_max_io_bytes(max, 4096), 32 << 10);
+        assert_eq!(copy_max_io_bytes(4096, 4096), 4096);
+    }
+
+    #[test]
+    fn geometry_is_the_kernels() {
+        let asked = DeviceConfig {
+            dev_id: None,
+            queues: 4,
+            depth: 128,
+            cpus: vec![0, 1],
+            max_io_bytes: 512 << 10,
+            stats_dir: None,
+            zero_copy: ZeroCopy::Auto,
+            recovery: Recovery::None,
+            sqpoll: None,
+            user_copy: false,
+            batch: false,
+        };
+        let info = ublksrv_ctrl_dev_info {
+            nr_hw_queues: 2,
+            queue_depth: 128,
+            max_io_buf_bytes: 512 << 10,
+            ..Default::default()
+        };
+        let got = asked.granted(&info);
+        assert_eq!((got.queues, got.depth, got.max_io_bytes), (2, 128, 512 << 10));
+        let n = granted_notices(&asked, &got);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(n[0].starts_with("-q 4: this machine has "), "{}", n[0]);
+        assert!(n[0].contains("the device has 2 queues"), "{}", n[0]);
+    }
 }

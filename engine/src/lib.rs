@@ -3,10 +3,14 @@
 
 pub mod batch;
 pub mod buf;
+pub mod core;
 pub mod cpus;
 pub mod ctrl;
+pub mod desc;
 pub mod device;
 pub mod error;
+pub mod mode;
+pub mod op;
 pub mod queue;
 pub mod ring;
 pub mod stats;

@@ -1,31 +1,30 @@
-//! One hardware queue: one thread, one io_uring carrying both the ublk commands and the
-//! target's backend I/O.
+//! One ublk queue, served on a core's ring (`core`): its tags, the driver's descriptor array,
+//! its buffers, the target's handler and, with BATCH_IO, its batch command state.
 //!
-//! The loop: wait for completions → copy a bounded batch of CQEs out → advance each tag →
-//! queue the resulting SQEs (backend I/O and COMMIT_AND_FETCH together) → one `io_uring_enter`
-//! that submits them and waits for the next completions.
-//!
-//! With BATCH_IO the ublk commands go per queue instead of per tag (see `batch`): the tags of
-//! new requests arrive through one multishot FETCH, and each iteration's results leave in one
-//! COMMIT. The tag state machine and the targets are the same in both modes.
+//! A request's life: the fetch completes (per-tag: the tag's own command; batch: the tag
+//! arrives through the queue's multishot FETCH) → the descriptor is read and the target starts
+//! serving (maybe with backend SQEs on the same ring) → once it is done the result is committed
+//! (per-tag: COMMIT_AND_FETCH_REQ, which also fetches the next request; batch: staged into the
+//! loop turn's one COMMIT_IO_CMDS). Nothing here allocates, locks or does an atomic
+//! read-modify-write per request.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types};
 
-use crate::batch::{Batch, Committed, Data, MAX_TAGS_PER_CQE};
+use crate::batch::{Batch, Committed, MAX_TAGS_PER_CQE};
 use crate::buf::IoBufs;
+use crate::desc::DescMap;
 use crate::error::{Error, Result};
-use crate::ring::{self, push_sqe, Enter, SqPoll};
+use crate::mode::{Data, Mode};
+use crate::op::{Op, UserData};
+use crate::ring::Ring;
 use crate::stats::{op_index, QueueStats, StatsRegion};
-use crate::tag::{Kind, Tag, TagState, UserData};
+use crate::tag::{Tag, TagState};
 use crate::target::{Flow, QueueHandler, Request, Submit};
 use crate::uapi::*;
-
-/// Fixed-file index of `/dev/ublkcN` on every queue ring; backing files follow it.
-pub const CDEV_FIXED: u32 = 0;
 
 pub struct QueueConfig {
     pub dev_id: u32,
@@ -33,107 +32,36 @@ pub struct QueueConfig {
     pub depth: u16,
     pub max_io_bytes: u32,
     pub cdev_fd: RawFd,
-    /// Backing files, registered at fixed indexes 1.. in this order.
+    /// The target's backing files, registered right after `/dev/ublkcN` in this order.
     pub files: Vec<RawFd>,
-    /// An eventfd: readable means "stop once no backend I/O is in flight".
-    pub stop_fd: RawFd,
     pub stats: Arc<StatsRegion>,
-    /// UBLK_F_AUTO_BUF_REG is on: each request's pages are registered at the ring's fixed
-    /// buffer index `tag` while it is served.
-    pub zero_copy: bool,
-    /// Create the ring with SQPOLL.
-    pub sqpoll: Option<SqPoll>,
-    /// UBLK_F_USER_COPY: the kernel does not copy; this queue moves request data between its
-    /// buffers and the request's pages with reads and writes on `/dev/ublkcN`.
-    pub user_copy: bool,
-    /// UBLK_F_BATCH_IO: per-queue PREP/FETCH/COMMIT_IO_CMDS instead of per-tag commands.
-    pub batch: bool,
+    pub mode: Mode,
 }
 
-/// Engine sub-ops (`Kind::Engine`): the stop event, and the manual buffer registration used
-/// when the kernel could not auto-register a request's buffer.
-const ENGINE_STOP: u8 = 0;
-const ENGINE_REG: u8 = 1;
-const ENGINE_UNREG: u8 = 2;
-/// User copy: write data from the request's pages into the tag's buffer, before serving.
-const ENGINE_COPY_IN: u8 = 3;
-/// User copy: read data from the tag's buffer into the request's pages, before committing.
-const ENGINE_COPY_OUT: u8 = 4;
-
-/// Batch commands (`Kind::Ublk` in batch mode); a COMMIT's `tag` field is its array's index.
-const BATCH_PREP: u8 = 1;
-const BATCH_FETCH: u8 = 2;
-const BATCH_COMMIT: u8 = 3;
-
-/// The queue's read-only view of the driver's descriptor array for this queue.
-struct DescMap {
-    ptr: *const ublksrv_io_desc,
-    len: usize,
-    depth: u16,
+/// Where a queue's share of its core ring's tables lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The queue's index among the ring's queues (`UserData::queue`).
+    pub slot: u16,
+    /// Fixed-file index of `/dev/ublkcN`; the target's files follow it.
+    pub file_base: u32,
+    /// First fixed-buffer index of the queue's range (`Mode::buffer_slots` long).
+    pub buf_base: u16,
+    /// Provided-buffer group of the queue's FETCH buffers (batch).
+    pub bgid: u16,
 }
 
-impl DescMap {
-    fn new(cdev_fd: RawFd, q: u16, depth: u16) -> Result<Self> {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-        let len = queue_desc_map_len(depth, page) as usize;
-        let off = queue_desc_map_offset(q, page);
-        // SAFETY: a fresh shared read-only mapping of the char device; the kernel validates the
-        // offset and length. Nothing else aliases the returned range.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                cdev_fd,
-                off as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap descriptor array").queue(q));
-        }
-        Ok(DescMap { ptr: ptr as *const ublksrv_io_desc, len, depth })
-    }
-
-    fn read(&self, tag: u16) -> ublksrv_io_desc {
-        assert!(tag < self.depth);
-        // SAFETY: the mapping holds `depth` descriptors and tag < depth. The driver wrote this
-        // one before completing the fetch whose CQE we just reaped, and does not touch it again
-        // until we commit; volatile because the memory is shared with the kernel.
-        unsafe { std::ptr::read_volatile(self.ptr.add(usize::from(tag))) }
-    }
-}
-
-impl Drop for DescMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range mmap returned; no reference into it outlives self.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
-/// The handler's view of the ring: stamps `user_data` and counts backend ops in flight.
-struct Sq<'a> {
-    ring: &'a mut IoUring,
-    tags: &'a mut [Tag],
-    backend_inflight: &'a mut usize,
-    stats: &'a QueueStats,
-}
-
-impl Submit for Sq<'_> {
-    unsafe fn push(&mut self, req: &Request, sub: u8, sqe: squeue::Entry) {
-        let t = &mut self.tags[usize::from(req.tag)];
-        t.issue();
-        *self.backend_inflight += 1;
-        let ud = UserData { tag: req.tag, kind: Kind::Target, sub, gen: t.gen };
-        QueueStats::bump(&self.stats.sqes, 1);
-        // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
-        unsafe { push_sqe(self.ring, &sqe.user_data(ud.encode())) };
-    }
-
-    fn stats(&self) -> &QueueStats {
-        self.stats
-    }
+/// Everything about one tag, in one place.
+struct Slot {
+    tag: Tag,
+    req: Request,
+    /// When the current request was delivered (ns, CLOCK_MONOTONIC).
+    start_ns: u64,
+    /// Its pages were registered by us (the driver's automatic registration fell back), so we
+    /// unregister them next to the commit.
+    manual_reg: bool,
+    /// User copy: the result a READ commits once its data is copied out.
+    copy_out_res: i32,
 }
 
 /// Counts a committed request by op.
@@ -158,547 +86,515 @@ fn count_request(s: &QueueStats, d: &ublksrv_io_desc) {
     }
 }
 
-/// How the queue ended.
+/// How a queue ended.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QueueExit {
     pub requests: u64,
     pub aborted_tags: u16,
 }
 
+/// The handler's view of the ring: stamps `user_data` and counts backend ops in flight.
+struct Sq<'a> {
+    ring: &'a mut Ring,
+    slots: &'a mut [Slot],
+    backend_inflight: &'a mut usize,
+    stats: &'a QueueStats,
+    queue: u16,
+}
+
+impl Submit for Sq<'_> {
+    unsafe fn push(&mut self, req: &Request, sub: u8, sqe: squeue::Entry) {
+        let t = &mut self.slots[usize::from(req.tag)].tag;
+        t.issue();
+        *self.backend_inflight += 1;
+        let ud = UserData::new(self.queue, req.tag, Op::Target(sub), t.gen);
+        QueueStats::bump(&self.stats.sqes, 1);
+        // SAFETY: the caller guarantees the SQE's buffers outlive its completion. A refused
+        // push breaks the ring, which ends the core's loop with that error.
+        unsafe { self.ring.push(&sqe.user_data(ud.encode())) };
+    }
+
+    fn stats(&self) -> &QueueStats {
+        self.stats
+    }
+}
+
 pub struct Queue {
-    // Drop order matters: the ring goes first, cancelling every ublk command and backend op that
-    // still points into the descriptor map and the buffers declared after it.
-    ring: IoUring,
-    enter: Enter,
+    cfg: QueueConfig,
+    at: Placement,
     desc: DescMap,
+    /// The tags' buffers (registered with the ring in the copy modes).
     bufs: IoBufs,
-    /// BATCH_IO element arrays and FETCH buffers (after the ring: the kernel may use them
-    /// until the ring is gone).
+    /// BATCH_IO element arrays and FETCH buffers.
     batch: Option<Batch>,
     handler: Box<dyn QueueHandler>,
-    tags: Vec<Tag>,
-    reqs: Vec<Request>,
-    cqes: Vec<(u64, i32, u32)>,
-    cfg: QueueConfig,
+    slots: Vec<Slot>,
+    /// Tags the driver has not aborted yet.
     live_tags: usize,
     backend_inflight: usize,
     stopping: bool,
-    stop_buf: u64,
     requests: u64,
-    /// When each tag's current request was delivered (ns, CLOCK_MONOTONIC).
-    start_ns: Vec<u64>,
-    /// The clock, read once per loop iteration: all completions of a batch share it.
+    /// Batch: the PREP_IO_CMDS result, once it completed.
+    prepped: Option<i32>,
+    /// The core's clock for the completions being dispatched (read once per loop turn).
     now_ns: u64,
-    /// The tag's buffer was registered by us (auto registration fell back), so we unregister it
-    /// before the commit.
-    manual_reg: Vec<bool>,
-    /// User copy: the result a READ commits once its data is copied out.
-    copy_out_res: Vec<i32>,
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the local timespec (a vDSO call, no syscall).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Queue {
-    /// Sets the queue up on the calling thread (the ring must be created by the thread that
-    /// will submit on it: SINGLE_ISSUER, and ublk's one-daemon-task-per-queue rule).
-    pub fn new(cfg: QueueConfig, handler: Box<dyn QueueHandler>) -> Result<Self> {
+    /// Sets the queue up on its core's ring (on the core's thread): registers its files and
+    /// buffers at its placement, maps the descriptor array, and prepares the batch state.
+    pub fn new(
+        cfg: QueueConfig,
+        at: Placement,
+        handler: Box<dyn QueueHandler>,
+        ring: &Ring,
+    ) -> Result<Queue> {
+        let q = cfg.q;
         let depth = cfg.depth;
-        // Room for one ublk command plus a backend op per tag, with headroom for resubmits.
-        let sq = (u32::from(depth) * 2).next_power_of_two();
-        let cq = sq * 2;
-        let ring = ring::build(sq, cq, cfg.sqpoll).map_err(|e| e.queue(cfg.q))?;
-        let enter = Enter::new(&ring);
         let mut fds = Vec::with_capacity(1 + cfg.files.len());
         fds.push(cfg.cdev_fd);
         fds.extend_from_slice(&cfg.files);
-        ring.submitter()
-            .register_files(&fds)
-            .map_err(|e| Error::os("register files", e).queue(cfg.q))?;
-        let desc = DescMap::new(cfg.cdev_fd, cfg.q, depth).map_err(|e| e.dev(cfg.dev_id))?;
+        ring.uring
+            .submitter()
+            .register_files_update(at.file_base, &fds)
+            .map_err(|e| Error::os("register files", e).queue(q))?;
+        let desc = DescMap::new(cfg.cdev_fd, q, depth).map_err(|e| e.dev(cfg.dev_id))?;
         // Zero copy never moves data through these buffers: leave them unlocked and untouched.
         let bufs =
-            IoBufs::new(depth, cfg.max_io_bytes, !cfg.zero_copy).map_err(|e| e.queue(cfg.q))?;
-        if cfg.zero_copy {
-            // The table the driver registers each request's pages into (index = tag), and
-            // where the queue registers them itself when that fails (index = depth + tag).
-            ring.submitter()
-                .register_buffers_sparse(2 * u32::from(depth))
-                .map_err(|e| Error::os("register sparse buffer table", e).queue(cfg.q))?;
-            occupy_zc_slots(&ring, &bufs, depth).map_err(|e| e.queue(cfg.q))?;
+            IoBufs::new(depth, cfg.max_io_bytes, cfg.mode.uses_arena()).map_err(|e| e.queue(q))?;
+        if cfg.mode.zero_copy() {
+            occupy_zc_slots(ring, &bufs, at.buf_base, depth).map_err(|e| e.queue(q))?;
         } else {
-            // SAFETY: the iovecs cover the tags' buffers in `bufs`, which the Queue owns and
-            // drops after the ring (field order), so the registration never outlives them.
-            unsafe { ring.submitter().register_buffers(&bufs.iovecs()) }.map_err(|e| {
-                Error::os("register I/O buffers", e).queue(cfg.q).hint(
+            // SAFETY: the iovecs cover the tags' buffers in `bufs`, which the Queue owns; the
+            // core drops its ring (and with it the registration) before its queues.
+            unsafe {
+                ring.uring.submitter().register_buffers_update(
+                    u32::from(at.buf_base),
+                    &bufs.iovecs(),
+                    None,
+                )
+            }
+            .map_err(|e| {
+                Error::os("register I/O buffers", e).queue(q).hint(
                     "registered buffers count against RLIMIT_MEMLOCK: raise it (ulimit -l) or lower --depth",
                 )
             })?;
         }
-        let batch = if cfg.batch {
-            let data = match (cfg.zero_copy, cfg.user_copy) {
-                (true, _) => Data::ZeroCopy,
-                (_, true) => Data::UserCopy,
-                _ => Data::Copy,
-            };
-            let addrs = if data == Data::Copy {
+        let batch = if cfg.mode.batch() {
+            let addrs = if cfg.mode.data == Data::Copy {
                 (0..depth).map(|t| bufs.ptr(t) as u64).collect()
             } else {
                 Vec::new()
             };
-            Some(Batch::new(&ring, cfg.q, depth, data, addrs).map_err(|e| e.queue(cfg.q))?)
+            let b = Batch::new(ring, q, depth, cfg.mode.data, addrs, at).map_err(|e| e.queue(q))?;
+            Some(b)
         } else {
             None
         };
-        let reqs = (0..depth)
-            .map(|tag| Request {
-                tag,
-                desc: ublksrv_io_desc::default(),
-                buf: bufs.ptr(tag),
-                buf_len: bufs.per_tag(),
-                buf_index: cfg.zero_copy.then_some(tag),
-                buf_reg: (!cfg.zero_copy).then_some(tag),
+        let zc = cfg.mode.zero_copy();
+        let slots = (0..depth)
+            .map(|tag| Slot {
+                tag: Tag::new(),
+                req: Request {
+                    tag,
+                    desc: ublksrv_io_desc::default(),
+                    buf: bufs.ptr(tag),
+                    buf_len: bufs.per_tag(),
+                    buf_index: zc.then_some(at.buf_base + tag),
+                    buf_reg: (!zc).then_some(at.buf_base + tag),
+                    first_file: at.file_base + 1,
+                },
+                start_ns: 0,
+                manual_reg: false,
+                copy_out_res: 0,
             })
             .collect();
         Ok(Queue {
-            ring,
-            enter,
+            cfg,
+            at,
             desc,
             bufs,
             batch,
             handler,
-            tags: vec![Tag::new(); usize::from(depth)],
-            reqs,
-            cqes: Vec::with_capacity(cq as usize),
-            cfg,
+            slots,
             live_tags: 0,
             backend_inflight: 0,
             stopping: false,
-            stop_buf: 0,
             requests: 0,
-            start_ns: vec![0; usize::from(depth)],
-            manual_reg: vec![false; usize::from(depth)],
-            copy_out_res: vec![0; usize::from(depth)],
-            now_ns: monotonic_ns(),
+            prepped: None,
+            now_ns: 0,
         })
     }
 
-    /// The ring's fd (for other queues to share its SQPOLL thread).
-    pub fn ring_fd(&self) -> RawFd {
-        use std::os::fd::AsRawFd;
-        self.ring.as_raw_fd()
-    }
-
-    /// How the queue is set up, for the daemon's log.
+    /// How the queue is set up, for the log and `list`.
     pub fn describe(&self) -> String {
         let b = &self.bufs;
-        let bufs = if self.cfg.zero_copy {
-            "zero copy (request pages registered per I/O)".to_string()
+        let bufs = if self.cfg.mode.zero_copy() {
+            "request pages registered per I/O".to_string()
         } else {
             format!(
-                "{} buffers {} MiB on {}{}, registered",
-                if self.cfg.user_copy { "user copy" } else { "copy" },
+                "buffers {} MiB on {}{}, registered",
                 (b.per_tag() * usize::from(self.cfg.depth)) >> 20,
                 b.backing().describe(),
                 if b.locked() { ", locked" } else { "" }
             )
         };
-        format!(
-            "ring {}{}; {bufs}; {}",
-            if self.cfg.sqpoll.is_some() { "SQPOLL" } else { "DEFER_TASKRUN" },
-            if self.enter.registered() { ", ring fd registered" } else { "" },
-            if self.batch.is_some() { "BATCH_IO commands" } else { "per-tag commands" },
-        )
+        format!("{}; {bufs}", self.cfg.mode.describe())
     }
 
-    fn push_ublk(&mut self, tag: u16, op: u32, result: i32) {
-        let zc = self.cfg.zero_copy;
+    pub fn stats(&self) -> &QueueStats {
+        self.cfg.stats.queue(self.cfg.q)
+    }
+
+    pub fn exit(&self) -> QueueExit {
+        let aborted = self.slots.iter().filter(|s| s.tag.state == TagState::Done).count();
+        QueueExit { requests: self.requests, aborted_tags: aborted as u16 }
+    }
+
+    /// Whether the queue has nothing left to do: every tag aborted by the driver, or a stop
+    /// was asked for; and no backend I/O in flight (its buffers must not be reused under it).
+    pub fn finished(&self) -> bool {
+        (self.live_tags == 0 || self.stopping) && self.backend_inflight == 0
+    }
+
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Batch: the PREP_IO_CMDS result (`None` until it completed; always `Some(0)` per-tag).
+    pub fn prepped(&self) -> Option<i32> {
+        if self.batch.is_some() {
+            self.prepped
+        } else {
+            Some(0)
+        }
+    }
+
+    fn ud(&self, tag: u16, op: Op, gen: u16) -> UserData {
+        UserData::new(self.at.slot, tag, op, gen)
+    }
+
+    /// Queues one SQE of the engine's own, counted.
+    ///
+    /// # Safety
+    /// As [`Ring::push`]: whatever `sqe` points at stays valid until its completion.
+    unsafe fn push(&self, ring: &mut Ring, sqe: &squeue::Entry) {
+        QueueStats::bump(&self.stats().sqes, 1);
+        // SAFETY: forwarded from the caller.
+        unsafe { ring.push(sqe) };
+    }
+
+    /// Hands every tag to the driver: one FETCH_REQ per tag, or one PREP_IO_CMDS (whose
+    /// completion arms the FETCH).
+    pub fn start(&mut self, ring: &mut Ring) {
+        self.live_tags = usize::from(self.cfg.depth);
+        if let Some(b) = self.batch.as_mut() {
+            let sqe = b.prep(self.cfg.depth);
+            let ud = self.ud(0, Op::BatchPrep, 0);
+            // SAFETY: the element array lives in `self.batch` and is not touched until the
+            // completion.
+            unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
+            return;
+        }
+        for tag in 0..self.cfg.depth {
+            self.slots[usize::from(tag)].tag.fetch();
+            self.push_ublk(ring, tag, UBLK_U_IO_FETCH_REQ, 0);
+        }
+    }
+
+    fn push_ublk(&mut self, ring: &mut Ring, tag: u16, op: u32, result: i32) {
+        let zc = self.cfg.mode.zero_copy();
         // Zero copy and user copy: the kernel copies nothing, so it gets no buffer address.
-        let addr = if zc || self.cfg.user_copy { 0 } else { self.bufs.ptr(tag) as u64 };
+        let addr = if self.cfg.mode.data == Data::Copy { self.bufs.ptr(tag) as u64 } else { 0 };
         let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr };
-        let ud = UserData { tag, kind: Kind::Ublk, sub: 0, gen: 0 };
-        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
-        let mut b = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op).cmd(cmd.to_bytes());
+        let mut b =
+            opcode::UringCmd16::new(types::Fixed(self.at.file_base), op).cmd(cmd.to_bytes());
         if zc {
-            // Where the driver registers the next request's pages: index = tag; on failure it
-            // delivers the request with UBLK_IO_F_NEED_REG_BUF instead of failing it.
+            // Where the driver registers the next request's pages; on failure it delivers the
+            // request with UBLK_IO_F_NEED_REG_BUF instead of failing it.
             let reg = ublk_auto_buf_reg {
-                index: tag,
+                index: self.at.buf_base + tag,
                 flags: UBLK_AUTO_BUF_REG_FALLBACK,
                 ..Default::default()
             };
             b = b.addr(Some(reg.to_sqe_addr()));
         }
-        let sqe = b.build().user_data(ud.encode());
+        let sqe = b.build().user_data(self.ud(tag, Op::Fetch, 0).encode());
         // SAFETY: the command bytes are copied into the SQE; the buffer address it carries is
-        // the tag's buffer, which lives in `self.bufs` and outlives the ring (drop order).
-        unsafe { push_sqe(&mut self.ring, &sqe) };
+        // the tag's buffer, which lives in `self.bufs` and outlives the ring.
+        unsafe { self.push(ring, &sqe) };
     }
 
-    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the tag's request at fixed index depth + tag
-    /// (index tag is where the automatic registration failed).
-    fn push_buf_cmd(&mut self, tag: u16, sub: u8) {
-        let op =
-            if sub == ENGINE_REG { UBLK_U_IO_REGISTER_IO_BUF } else { UBLK_U_IO_UNREGISTER_IO_BUF };
-        let index = u64::from(self.cfg.depth) + u64::from(tag);
-        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result: 0, addr: index };
-        let gen = self.tags[usize::from(tag)].gen;
-        let ud = UserData { tag, kind: Kind::Engine, sub, gen };
-        let sqe = opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), op)
+    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of the tag's request at the fallback index (the
+    /// upper half of the queue's range; the lower half is where the automatic one failed).
+    fn push_buf_cmd(&mut self, ring: &mut Ring, tag: u16, op: Op) {
+        let cmd_op =
+            if op == Op::RegBuf { UBLK_U_IO_REGISTER_IO_BUF } else { UBLK_U_IO_UNREGISTER_IO_BUF };
+        let index = self.fallback_index(tag);
+        let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result: 0, addr: u64::from(index) };
+        let gen = self.slots[usize::from(tag)].tag.gen;
+        let sqe = opcode::UringCmd16::new(types::Fixed(self.at.file_base), cmd_op)
             .cmd(cmd.to_bytes())
             .build()
-            .user_data(ud.encode());
-        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+            .user_data(self.ud(tag, op, gen).encode());
         // SAFETY: the command is copied into the SQE and points at no memory of ours.
-        unsafe { push_sqe(&mut self.ring, &sqe) };
+        unsafe { self.push(ring, &sqe) };
+    }
+
+    fn fallback_index(&self, tag: u16) -> u16 {
+        self.at.buf_base + self.cfg.depth + tag
     }
 
     /// User copy: moves `len` bytes between the tag's buffer and its request's pages through
-    /// `/dev/ublkcN` (in for ENGINE_COPY_IN, out for ENGINE_COPY_OUT).
-    fn push_user_copy(&mut self, tag: u16, sub: u8, len: u32) {
+    /// `/dev/ublkcN` (in for CopyIn, out for CopyOut).
+    fn push_user_copy(&mut self, ring: &mut Ring, tag: u16, op: Op, len: u32) {
         let off = user_copy_offset(self.cfg.q, tag, 0);
         let buf = self.bufs.ptr(tag);
-        let cdev = types::Fixed(CDEV_FIXED);
-        let t = &mut self.tags[usize::from(tag)];
+        let cdev = types::Fixed(self.at.file_base);
+        let t = &mut self.slots[usize::from(tag)].tag;
         t.issue();
         self.backend_inflight += 1;
-        let ud = UserData { tag, kind: Kind::Engine, sub, gen: t.gen };
+        let ud = UserData::new(self.at.slot, tag, op, t.gen);
         // Plain READ/WRITE: the driver accepts only user-backed memory here (a fixed buffer's
         // bvec iterator gets EACCES).
-        let sqe = if sub == ENGINE_COPY_IN {
+        let sqe = if op == Op::CopyIn {
             opcode::Read::new(cdev, buf, len).offset(off).build()
         } else {
             opcode::Write::new(cdev, buf, len).offset(off).build()
         };
-        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
         // SAFETY: `buf..buf+len` is the tag's buffer (len <= max I/O size, checked by the
         // driver against the request), owned by `self.bufs`, which outlives the ring.
-        unsafe { push_sqe(&mut self.ring, &sqe.user_data(ud.encode())) };
+        unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
     }
 
     /// Runs the target's handler with the ring's submission side.
-    fn handle(&mut self, f: impl FnOnce(&mut dyn QueueHandler, &mut dyn Submit) -> Flow) -> Flow {
+    fn handle(
+        &mut self,
+        ring: &mut Ring,
+        f: impl FnOnce(&mut dyn QueueHandler, &mut dyn Submit) -> Flow,
+    ) -> Flow {
+        let stats = self.cfg.stats.queue(self.cfg.q);
         let mut sq = Sq {
-            ring: &mut self.ring,
-            tags: &mut self.tags,
+            ring,
+            slots: &mut self.slots,
             backend_inflight: &mut self.backend_inflight,
-            stats: self.cfg.stats.queue(self.cfg.q),
+            stats,
+            queue: self.at.slot,
         };
         f(self.handler.as_mut(), &mut sq)
     }
 
-    fn start_request(&mut self, tag: u16) {
-        let req = self.reqs[usize::from(tag)];
-        let flow = self.handle(|h, io| h.start(&req, io));
-        self.settle(tag, flow);
+    fn start_request(&mut self, ring: &mut Ring, tag: u16) {
+        let req = self.slots[usize::from(tag)].req;
+        let flow = self.handle(ring, |h, io| h.start(&req, io));
+        self.settle(ring, tag, flow);
     }
 
-    fn arm_stop(&mut self) {
-        let ud = UserData { tag: 0, kind: Kind::Engine, sub: ENGINE_STOP, gen: 0 };
-        let sqe = opcode::PollAdd::new(types::Fd(self.cfg.stop_fd), libc::POLLIN as u32)
-            .build()
-            .user_data(ud.encode());
-        // SAFETY: poll references no memory of ours; the eventfd outlives the queue (owned by
-        // the device, which joins this thread before closing it).
-        unsafe { push_sqe(&mut self.ring, &sqe) };
-    }
-
-    /// Serves until every tag is aborted by the driver, or a stop is requested and no backend
-    /// I/O is in flight.
-    pub fn run(&mut self) -> Result<QueueExit> {
-        if self.batch.is_some() {
-            self.prep_batch()?;
-        } else {
-            for tag in 0..self.cfg.depth {
-                self.tags[usize::from(tag)].fetch();
-                self.push_ublk(tag, UBLK_U_IO_FETCH_REQ, 0);
-            }
-        }
-        self.live_tags = usize::from(self.cfg.depth);
-        self.arm_stop();
-        loop {
-            // A COMMIT completes while it is submitted: wait for one completion more than it,
-            // or the wait returns at once for the COMMIT alone (an extra enter per turn at qd1).
-            let want = 1 + u32::from(self.push_commits());
-            let done = self.live_tags == 0 || self.stopping;
-            if done && self.backend_inflight == 0 {
-                // Hand the last commits to the kernel before the ring goes away.
-                let _ = self.ring.submit();
-                break;
-            }
-            let stats = self.cfg.stats.queue(self.cfg.q);
-            QueueStats::bump(&stats.ring_enters, 1);
-            match self.enter.submit_and_wait(&mut self.ring, want) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => return Err(Error::os("io_uring_enter", e).queue(self.cfg.q)),
-            }
-            let now = monotonic_ns();
-            if stats.io_now.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-                QueueStats::bump(&stats.io_time_ns, now.saturating_sub(self.now_ns));
-            }
-            self.now_ns = now;
-            self.drain();
-        }
-        let aborted = self.tags.iter().filter(|t| t.state == TagState::Done).count();
-        Ok(QueueExit { requests: self.requests, aborted_tags: aborted as u16 })
-    }
-
-    fn drain(&mut self) {
-        self.cqes.clear();
-        let cap = self.cqes.capacity();
-        self.cqes.extend(
-            self.ring.completion().take(cap).map(|c| (c.user_data(), c.result(), c.flags())),
-        );
-        for i in 0..self.cqes.len() {
-            let (ud, res, flags) = self.cqes[i];
-            self.dispatch(ud, res, flags);
-        }
-    }
-
-    fn dispatch(&mut self, ud: u64, res: i32, flags: u32) {
-        let Some(ud) = UserData::decode(ud) else {
-            debug_assert!(false, "unknown user_data {ud:#x}");
-            return;
-        };
+    /// Dispatches one of this queue's completions. False if it makes no sense (logged by the
+    /// caller): a stale or unknown completion is never applied.
+    pub fn complete(
+        &mut self,
+        ring: &mut Ring,
+        ud: UserData,
+        res: i32,
+        flags: u32,
+        now_ns: u64,
+    ) -> bool {
+        self.now_ns = now_ns;
         let tag = ud.tag;
-        match ud.kind {
-            Kind::Engine if ud.sub == ENGINE_REG => {
-                if !self.tags[usize::from(tag)].reap(ud.gen) {
-                    debug_assert!(false, "stale buffer registration CQE for tag {tag}");
-                    return;
+        if usize::from(tag) >= self.slots.len() && ud.op != Op::BatchCommit {
+            return false;
+        }
+        match ud.op {
+            Op::Fetch => {
+                if self.slots[usize::from(tag)].tag.state != TagState::Fetching {
+                    return false;
+                }
+                if res == UBLK_IO_RES_OK {
+                    self.deliver(ring, tag);
+                } else {
+                    if res != UBLK_IO_RES_ABORT {
+                        self.log(Some(tag), "fetch failed", res);
+                    }
+                    self.slots[usize::from(tag)].tag.finish();
+                    self.live_tags -= 1;
+                }
+            }
+            Op::Target(sub) => {
+                if !self.slots[usize::from(tag)].tag.reap(ud.gen) {
+                    return false;
+                }
+                self.backend_inflight -= 1;
+                let req = self.slots[usize::from(tag)].req;
+                let flow = self.handle(ring, |h, io| h.complete(&req, sub, res, io));
+                self.settle(ring, tag, flow);
+            }
+            Op::RegBuf => {
+                if !self.slots[usize::from(tag)].tag.reap(ud.gen) {
+                    return false;
                 }
                 self.backend_inflight -= 1;
                 if res < 0 {
-                    self.manual_reg[usize::from(tag)] = false;
-                    self.reqs[usize::from(tag)].buf_index = Some(tag);
-                    self.settle(tag, Flow::Done(res));
+                    let s = &mut self.slots[usize::from(tag)];
+                    s.manual_reg = false;
+                    s.req.buf_index = Some(self.at.buf_base + tag);
+                    self.settle(ring, tag, Flow::Done(res));
                 } else {
-                    self.start_request(tag);
+                    self.start_request(ring, tag);
                 }
             }
             // The request completes once both the commit and this are done; a failure leaves
             // nothing we could undo.
-            Kind::Engine if ud.sub == ENGINE_UNREG => {
+            Op::UnregBuf => {
                 if res < 0 {
-                    eprintln!(
-                        "ublk-fast: dev {} queue {} tag {tag}: UNREGISTER_IO_BUF: {}",
-                        self.cfg.dev_id,
-                        self.cfg.q,
-                        io::Error::from_raw_os_error(-res)
-                    );
+                    self.log(Some(tag), "UNREGISTER_IO_BUF", res);
                 }
             }
-            Kind::Engine if ud.sub == ENGINE_COPY_IN || ud.sub == ENGINE_COPY_OUT => {
-                if !self.tags[usize::from(tag)].reap(ud.gen) {
-                    debug_assert!(false, "stale user-copy CQE for tag {tag}");
-                    return;
+            Op::CopyIn | Op::CopyOut => {
+                if !self.slots[usize::from(tag)].tag.reap(ud.gen) {
+                    return false;
                 }
                 self.backend_inflight -= 1;
-                let want = if ud.sub == ENGINE_COPY_IN {
-                    self.reqs[usize::from(tag)].bytes() as i32
-                } else {
-                    self.copy_out_res[usize::from(tag)]
-                };
+                let s = &self.slots[usize::from(tag)];
+                let want = if ud.op == Op::CopyIn { s.req.bytes() as i32 } else { s.copy_out_res };
                 let short = if res < 0 { res } else { -libc::EIO };
-                match (ud.sub, res == want) {
-                    (ENGINE_COPY_IN, true) => self.start_request(tag),
-                    (ENGINE_COPY_IN, false) => self.settle(tag, Flow::Done(short)),
-                    (_, true) => self.commit(tag, want),
-                    (_, false) => self.commit(tag, short),
+                match (ud.op, res == want) {
+                    (Op::CopyIn, true) => self.start_request(ring, tag),
+                    (Op::CopyIn, false) => self.settle(ring, tag, Flow::Done(short)),
+                    (_, true) => self.commit(ring, tag, want),
+                    (_, false) => self.commit(ring, tag, short),
                 }
             }
-            Kind::Engine => {
-                self.stopping = true;
-                // Drain the eventfd so a later poll does not fire again at once.
-                // SAFETY: reading 8 bytes into an 8-byte local from an eventfd we own.
-                unsafe {
-                    libc::read(self.cfg.stop_fd, &mut self.stop_buf as *mut u64 as *mut _, 8)
-                };
-            }
-            Kind::Ublk if self.batch.is_some() => self.dispatch_batch(ud.sub, tag, res, flags),
-            Kind::Ublk => {
-                let t = &mut self.tags[usize::from(tag)];
-                if t.state != TagState::Fetching {
-                    debug_assert!(false, "ublk CQE for tag {tag} in {:?}", t.state);
-                    return;
+            Op::BatchPrep => {
+                self.prepped = Some(res);
+                if res != 0 {
+                    self.log(None, "PREP_IO_CMDS", res);
+                    self.live_tags = 0;
+                    return true;
                 }
-                if res == UBLK_IO_RES_OK {
-                    self.deliver(tag);
-                } else {
-                    if res != UBLK_IO_RES_ABORT {
-                        eprintln!(
-                            "ublk-fast: dev {} queue {} tag {tag}: fetch failed: {}",
-                            self.cfg.dev_id,
-                            self.cfg.q,
-                            io::Error::from_raw_os_error(-res)
-                        );
-                    }
-                    t.finish();
-                    self.live_tags -= 1;
+                for s in &mut self.slots {
+                    s.tag.fetch();
                 }
+                self.arm_fetch(ring);
             }
-            Kind::Target => {
-                if !self.tags[usize::from(tag)].reap(ud.gen) {
-                    debug_assert!(false, "stale backend CQE for tag {tag}");
-                    return;
-                }
-                self.backend_inflight -= 1;
-                let req = self.reqs[usize::from(tag)];
-                let flow = self.handle(|h, io| h.complete(&req, ud.sub, res, io));
-                self.settle(tag, flow);
-            }
+            Op::BatchFetch => self.fetched(ring, res, flags),
+            Op::BatchCommit => self.batch_committed(usize::from(tag), res),
+            Op::Wake => return false,
         }
+        true
+    }
+
+    fn log(&self, tag: Option<u16>, what: &str, res: i32) {
+        let tag = tag.map_or(String::new(), |t| format!(" tag {t}"));
+        eprintln!(
+            "ublk-fast: dev {} queue {}{tag}: {what}: {}",
+            self.cfg.dev_id,
+            self.cfg.q,
+            io::Error::from_raw_os_error(-res)
+        );
     }
 
     /// A request arrived for `tag` (Fetching): read its descriptor and start serving it.
-    fn deliver(&mut self, tag: u16) {
-        self.tags[usize::from(tag)].deliver();
-        self.requests += 1;
-        self.start_ns[usize::from(tag)] = self.now_ns;
+    fn deliver(&mut self, ring: &mut Ring, tag: u16) {
         let desc = self.desc.read(tag);
-        self.reqs[usize::from(tag)].desc = desc;
+        let s = &mut self.slots[usize::from(tag)];
+        s.tag.deliver();
+        s.start_ns = self.now_ns;
+        s.req.desc = desc;
+        self.requests += 1;
         let stats = self.cfg.stats.queue(self.cfg.q);
         QueueStats::bump(&stats.io_now, 1);
         let has_data = matches!(desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
-        if self.cfg.zero_copy && has_data && desc.flags() & UBLK_IO_F_NEED_REG_BUF != 0 {
+        if self.cfg.mode.zero_copy() && has_data && desc.flags() & UBLK_IO_F_NEED_REG_BUF != 0 {
             // Auto registration failed: register it ourselves, then serve.
             QueueStats::bump(&stats.zero_copy_fallbacks, 1);
-            self.manual_reg[usize::from(tag)] = true;
-            self.reqs[usize::from(tag)].buf_index = Some(self.cfg.depth + tag);
-            self.tags[usize::from(tag)].issue();
+            let index = self.fallback_index(tag);
+            let s = &mut self.slots[usize::from(tag)];
+            s.manual_reg = true;
+            s.req.buf_index = Some(index);
+            s.tag.issue();
             self.backend_inflight += 1;
-            self.push_buf_cmd(tag, ENGINE_REG);
-        } else if self.cfg.user_copy && desc.op() == UBLK_IO_OP_WRITE {
+            self.push_buf_cmd(ring, tag, Op::RegBuf);
+        } else if self.cfg.mode.user_copy() && desc.op() == UBLK_IO_OP_WRITE {
             // Fetch the data to write into our buffer first.
-            let len = self.reqs[usize::from(tag)].bytes() as u32;
-            self.push_user_copy(tag, ENGINE_COPY_IN, len);
+            let len = s.req.bytes() as u32;
+            self.push_user_copy(ring, tag, Op::CopyIn, len);
         } else {
-            self.start_request(tag);
+            self.start_request(ring, tag);
         }
     }
 
-    /// Batch mode: PREP every tag (the driver completes it inline), then arm the FETCH.
-    fn prep_batch(&mut self) -> Result<()> {
-        let depth = self.cfg.depth;
-        let Some(b) = self.batch.as_mut() else { return Ok(()) };
-        let ud = UserData { tag: 0, kind: Kind::Ublk, sub: BATCH_PREP, gen: 0 };
-        let sqe = b.prep(depth).user_data(ud.encode());
-        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
-        // SAFETY: the element array lives in `self.batch` and is not touched until the
-        // completion reaped below.
-        unsafe { push_sqe(&mut self.ring, &sqe) };
-        let res = loop {
-            match self.enter.submit_and_wait(&mut self.ring, 1) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => continue,
-                Err(e) => return Err(Error::os("io_uring_enter", e).queue(self.cfg.q)),
-            }
-            if let Some(c) = self.ring.completion().next() {
-                break c.result();
-            }
-        };
-        if res != 0 {
-            return Err(
-                Error::os("PREP_IO_CMDS", io::Error::from_raw_os_error(-res)).queue(self.cfg.q)
-            );
-        }
-        for t in &mut self.tags {
-            t.fetch();
-        }
-        self.arm_fetch();
-        Ok(())
-    }
-
-    fn arm_fetch(&mut self) {
+    fn arm_fetch(&mut self, ring: &mut Ring) {
         let Some(b) = self.batch.as_ref() else { return };
-        let ud = UserData { tag: 0, kind: Kind::Ublk, sub: BATCH_FETCH, gen: 0 };
-        let sqe = b.fetch().user_data(ud.encode());
-        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        let sqe = b.fetch().user_data(self.ud(0, Op::BatchFetch, 0).encode());
         // SAFETY: the FETCH writes only into the provided buffers, which live in `self.batch`
-        // and outlive the ring (field order).
-        unsafe { push_sqe(&mut self.ring, &sqe) };
+        // and outlive the ring.
+        unsafe { self.push(ring, &sqe) };
     }
 
     /// Batch mode: one COMMIT_IO_CMDS for the results staged since the last one. True if one
     /// was queued.
-    fn push_commits(&mut self) -> bool {
+    pub fn push_commits(&mut self, ring: &mut Ring) -> bool {
         let Some(b) = self.batch.as_mut() else { return false };
         let Some((slot, sqe)) = b.commit() else { return false };
-        let ud = UserData { tag: slot as u16, kind: Kind::Ublk, sub: BATCH_COMMIT, gen: 0 };
-        QueueStats::bump(&self.cfg.stats.queue(self.cfg.q).sqes, 1);
+        let ud = self.ud(slot as u16, Op::BatchCommit, 0);
         // SAFETY: the element array stays in `self.batch`, untouched, until the completion.
-        unsafe { push_sqe(&mut self.ring, &sqe.user_data(ud.encode())) };
+        unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
         true
     }
 
-    fn dispatch_batch(&mut self, sub: u8, slot: u16, res: i32, flags: u32) {
-        match sub {
-            BATCH_FETCH => {
-                let mut tags = [0u16; MAX_TAGS_PER_CQE];
-                let n = self.batch.as_mut().map_or(0, |b| b.fetched(res, flags, &mut tags));
-                for &tag in &tags[..n] {
-                    match self.tags.get(usize::from(tag)).map(|t| t.state) {
-                        Some(TagState::Fetching) => self.deliver(tag),
-                        s => debug_assert!(false, "FETCH delivered tag {tag} in {s:?}"),
-                    }
-                }
-                if io_uring::cqueue::more(flags) {
-                    return;
-                }
-                if res == -libc::ENOBUFS || (res >= 0 && !self.stopping) {
-                    // Out of buffers (or CQ space): the undelivered tags wait in the driver.
-                    self.arm_fetch();
-                    return;
-                }
-                if res != UBLK_IO_RES_ABORT {
-                    eprintln!(
-                        "ublk-fast: dev {} queue {}: FETCH_IO_CMDS failed: {}",
-                        self.cfg.dev_id,
-                        self.cfg.q,
-                        io::Error::from_raw_os_error(-res)
-                    );
-                }
-                // The queue is going away: every tag the driver held is aborted.
-                for t in &mut self.tags {
-                    if t.state == TagState::Fetching {
-                        t.finish();
-                    }
-                }
-                self.live_tags = 0;
+    fn fetched(&mut self, ring: &mut Ring, res: i32, flags: u32) {
+        let mut tags = [0u16; MAX_TAGS_PER_CQE];
+        let n = self.batch.as_mut().map_or(0, |b| b.fetched(res, flags, &mut tags));
+        for &tag in &tags[..n] {
+            match self.slots.get(usize::from(tag)).map(|s| s.tag.state) {
+                Some(TagState::Fetching) => self.deliver(ring, tag),
+                s => self.log_unexpected(&format!("FETCH delivered tag {tag} in {s:?}")),
             }
-            BATCH_COMMIT => self.batch_committed(usize::from(slot), res),
-            _ => debug_assert!(false, "unexpected batch completion {sub} res {res}"),
         }
+        if io_uring::cqueue::more(flags) {
+            return;
+        }
+        if res == -libc::ENOBUFS || (res >= 0 && !self.stopping) {
+            // Out of buffers (or CQ space): the undelivered tags wait in the driver.
+            self.arm_fetch(ring);
+            return;
+        }
+        if res != UBLK_IO_RES_ABORT {
+            self.log(None, "FETCH_IO_CMDS failed", res);
+        }
+        // The queue is going away: every tag the driver held is aborted.
+        for s in &mut self.slots {
+            if s.tag.state == TagState::Fetching {
+                s.tag.finish();
+            }
+        }
+        self.live_tags = 0;
+    }
+
+    fn log_unexpected(&self, what: &str) {
+        QueueStats::bump(&self.stats().unexpected_completions, 1);
+        eprintln!("ublk-fast: dev {} queue {}: {what}", self.cfg.dev_id, self.cfg.q);
     }
 
     /// A COMMIT completed. Elements the driver did not apply leave their tags with us: the
     /// refused one is lost (logged), the ones after it are committed again.
     fn batch_committed(&mut self, slot: usize, res: i32) {
+        let going_away = self.live_tags == 0;
+        let (dev, q) = (self.cfg.dev_id, self.cfg.q);
         let Some(b) = self.batch.as_mut() else { return };
         let Committed::Stopped { at, errno } = b.committed(slot, res) else { return };
-        let going_away = self.live_tags == 0;
         let mut i = at;
         while let Some((tag, result)) = b.element(slot, i) {
             if i == at || going_away {
                 if !going_away {
                     let why = errno
                         .map_or("refused".into(), |e| io::Error::from_raw_os_error(e).to_string());
-                    eprintln!(
-                        "ublk-fast: dev {} queue {} tag {tag}: COMMIT_IO_CMDS: {why}",
-                        self.cfg.dev_id, self.cfg.q
-                    );
+                    eprintln!("ublk-fast: dev {dev} queue {q} tag {tag}: COMMIT_IO_CMDS: {why}");
                 }
-                if self.tags[usize::from(tag)].state == TagState::Fetching {
-                    self.tags[usize::from(tag)].finish();
+                let t = &mut self.slots[usize::from(tag)].tag;
+                if t.state == TagState::Fetching {
+                    t.finish();
                 }
             } else {
                 b.stage(tag, result);
@@ -709,53 +605,52 @@ impl Queue {
     }
 
     /// Commits a finished request (and fetches the tag's next one).
-    fn settle(&mut self, tag: u16, flow: Flow) {
-        let t = &mut self.tags[usize::from(tag)];
+    fn settle(&mut self, ring: &mut Ring, tag: u16, flow: Flow) {
+        let s = &mut self.slots[usize::from(tag)];
         let res = match flow {
-            Flow::Pending if t.inflight > 0 => return,
+            Flow::Pending if s.tag.inflight > 0 => return,
             Flow::Pending => {
                 debug_assert!(false, "target left tag {tag} pending with nothing in flight");
                 -libc::EIO
             }
-            Flow::Done(_) if t.inflight > 0 => {
+            Flow::Done(_) if s.tag.inflight > 0 => {
                 debug_assert!(false, "target finished tag {tag} with I/O in flight");
                 return;
             }
             Flow::Done(r) => r,
         };
-        let read = self.reqs[usize::from(tag)].desc.op() == UBLK_IO_OP_READ;
-        if self.cfg.user_copy && read && res > 0 {
+        let read = s.req.desc.op() == UBLK_IO_OP_READ;
+        if self.cfg.mode.user_copy() && read && res > 0 {
             // Hand the data read to the request's pages, then commit.
-            self.copy_out_res[usize::from(tag)] = res;
-            self.push_user_copy(tag, ENGINE_COPY_OUT, res as u32);
+            s.copy_out_res = res;
+            self.push_user_copy(ring, tag, Op::CopyOut, res as u32);
             return;
         }
-        self.commit(tag, res);
+        self.commit(ring, tag, res);
     }
 
     /// Records the finished request and commits it with `res` (and fetches the tag's next one).
-    fn commit(&mut self, tag: u16, res: i32) {
-        let t = &mut self.tags[usize::from(tag)];
-        t.commit();
+    fn commit(&mut self, ring: &mut Ring, tag: u16, res: i32) {
         let stats = self.cfg.stats.queue(self.cfg.q);
+        let s = &mut self.slots[usize::from(tag)];
+        s.tag.commit();
         QueueStats::drop_one(&stats.io_now);
-        count_request(stats, &self.reqs[usize::from(tag)].desc);
+        count_request(stats, &s.req.desc);
         if res < 0 {
             QueueStats::bump(&stats.io_errors, 1);
         }
-        if let Some(i) = op_index(self.reqs[usize::from(tag)].desc.op()) {
-            let ns = self.now_ns.saturating_sub(self.start_ns[usize::from(tag)]);
-            stats.lat[i].record(ns, res < 0);
+        if let Some(i) = op_index(s.req.desc.op()) {
+            stats.lat[i].record(self.now_ns.saturating_sub(s.start_ns), res < 0);
         }
-        if std::mem::take(&mut self.manual_reg[usize::from(tag)]) {
+        if std::mem::take(&mut s.manual_reg) {
             // The request completes only once its buffer is unregistered too (in either
             // order; not linked, so a failed unregister cannot cancel the commit).
-            self.push_buf_cmd(tag, ENGINE_UNREG);
-            self.reqs[usize::from(tag)].buf_index = Some(tag);
+            s.req.buf_index = Some(self.at.buf_base + tag);
+            self.push_buf_cmd(ring, tag, Op::UnregBuf);
         }
         match self.batch.as_mut() {
             Some(b) => b.stage(tag, res),
-            None => self.push_ublk(tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res),
+            None => self.push_ublk(ring, tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res),
         }
     }
 }
@@ -763,7 +658,7 @@ impl Queue {
 /// Test hook: `UBLK_FAST_TEST_ZC_BUSY_SLOTS=N` fills the first N automatic-registration slots
 /// of each zero-copy queue with a buffer of ours, so the driver's registration fails for tags
 /// 0..N and their requests take the fallback path (NEED_REG_BUF, registered by the queue).
-fn occupy_zc_slots(ring: &IoUring, bufs: &IoBufs, depth: u16) -> Result<()> {
+fn occupy_zc_slots(ring: &Ring, bufs: &IoBufs, base: u16, depth: u16) -> Result<()> {
     let n = std::env::var("UBLK_FAST_TEST_ZC_BUSY_SLOTS")
         .ok()
         .and_then(|v| v.parse::<u16>().ok())
@@ -775,7 +670,7 @@ fn occupy_zc_slots(ring: &IoUring, bufs: &IoBufs, depth: u16) -> Result<()> {
     let iov = libc::iovec { iov_base: bufs.ptr(0) as *mut libc::c_void, iov_len: 4096 };
     let iovs = vec![iov; usize::from(n)];
     // SAFETY: the first page of tag 0's buffer, owned by the queue's `bufs`, which outlives the
-    // ring (field order); zero copy never uses it otherwise.
-    unsafe { ring.submitter().register_buffers_update(0, &iovs, None) }
+    // ring; zero copy never uses it otherwise.
+    unsafe { ring.uring.submitter().register_buffers_update(u32::from(base), &iovs, None) }
         .map_err(|e| Error::os("occupy zero-copy slots (test hook)", e))
 }

@@ -122,7 +122,7 @@ impl Enter {
             flags |= IORING_ENTER_GETEVENTS;
         }
         // SAFETY: io_uring_enter on our own ring with no signal mask or extended argument;
-        // every SQE it submits was pushed under push_sqe's contract.
+        // every SQE it submits was pushed under Ring::push's contract.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_io_uring_enter,
@@ -142,21 +142,73 @@ impl Enter {
     }
 }
 
-/// Pushes one SQE, submitting first if the queue is full.
-///
-/// # Safety
-/// Whatever `sqe` points at must stay valid until its CQE is reaped.
-pub unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) {
-    loop {
-        // SAFETY: forwarded from the caller.
-        if unsafe { ring.submission().push(sqe) }.is_ok() {
-            return;
+/// How often a push retries a full submission queue before it calls the ring broken (an
+/// SQPOLL thread may need a moment to take entries; a plain ring frees them at once).
+const PUSH_TRIES: u32 = 10_000;
+
+/// A core's io_uring with the way its thread enters it. A failed submission is a value: the
+/// first error is kept (`broken`) for the loop to end with, never a panic.
+pub struct Ring {
+    pub uring: IoUring,
+    enter: Enter,
+    broken: Option<io::Error>,
+}
+
+impl Ring {
+    /// Builds the ring and registers its fd for the calling thread, which must be the thread
+    /// that will submit on it (SINGLE_ISSUER, and ublk's one-task-per-queue rule).
+    pub fn new(sq: u32, cq: u32, sqpoll: Option<SqPoll>) -> Result<Ring> {
+        let uring = build(sq, cq, sqpoll)?;
+        let enter = Enter::new(&uring);
+        Ok(Ring { uring, enter, broken: None })
+    }
+
+    /// Queues one SQE, submitting first if the queue is full. False (and the ring is broken)
+    /// if the kernel refuses to take entries.
+    ///
+    /// # Safety
+    /// Whatever `sqe` points at must stay valid until its CQE is reaped.
+    pub unsafe fn push(&mut self, sqe: &squeue::Entry) -> bool {
+        for i in 0..PUSH_TRIES {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.uring.submission().push(sqe) }.is_ok() {
+                return true;
+            }
+            match self.uring.submit() {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    self.broken.get_or_insert(e);
+                    return false;
+                }
+            }
+            if i > 0 {
+                std::thread::yield_now();
+            }
         }
-        match ring.submit() {
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
-            Err(e) => panic!("io_uring_enter failed while the submission queue is full: {e}"),
-        }
+        self.broken.get_or_insert(io::Error::from_raw_os_error(libc::EBUSY));
+        false
+    }
+
+    /// Submits what is queued and waits for at least `want` completions: one syscall.
+    pub fn submit_and_wait(&mut self, want: u32) -> io::Result<usize> {
+        self.enter.submit_and_wait(&mut self.uring, want)
+    }
+
+    /// The first error that kept an SQE off the ring, if any.
+    pub fn broken(&self) -> Option<&io::Error> {
+        self.broken.as_ref()
+    }
+
+    pub fn registered(&self) -> bool {
+        self.enter.registered()
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.uring.as_raw_fd()
     }
 }

@@ -110,12 +110,14 @@ pub struct QueueStats {
     pub io_time_ns: AtomicU64,
     /// Zero-copy requests whose automatic buffer registration failed and were registered by us.
     pub zero_copy_fallbacks: AtomicU64,
+    /// Completions that matched nothing in flight (stale or unknown): never applied, logged.
+    pub unexpected_completions: AtomicU64,
     /// Per-op latency from the request's delivery to its commit, and errors.
     pub lat: [OpLatency; 5],
 }
 
 /// Names of the plain counters in file order.
-pub const COUNTER_NAMES: [&str; 16] = [
+pub const COUNTER_NAMES: [&str; COUNTER_WORDS] = [
     "reads",
     "writes",
     "flushes",
@@ -132,13 +134,14 @@ pub const COUNTER_NAMES: [&str; 16] = [
     "sqes",
     "io_time_ns",
     "zero_copy_fallbacks",
+    "unexpected_completions",
 ];
-const COUNTER_WORDS: usize = 16;
+const COUNTER_WORDS: usize = 17;
 
 /// A point-in-time copy of one queue's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueSnapshot {
-    pub counters: [u64; 16],
+    pub counters: [u64; COUNTER_WORDS],
     pub ops: [OpSnapshot; 5],
 }
 
@@ -159,7 +162,7 @@ impl QueueSnapshot {
     /// From the queue block's words, in file order.
     fn from_words(w: &[u64]) -> Self {
         let mut s = QueueSnapshot::default();
-        s.counters.copy_from_slice(&w[..16]);
+        s.counters.copy_from_slice(&w[..COUNTER_WORDS]);
         for (o, op) in s.ops.iter_mut().enumerate() {
             let b = COUNTER_WORDS + o * OP_WORDS;
             op.buckets.copy_from_slice(&w[b..b + NB]);
@@ -173,7 +176,8 @@ impl QueueSnapshot {
 }
 
 const BLOCK: usize = std::mem::size_of::<QueueStats>();
-const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST1");
+/// The file format's version is in the magic: v2 added `unexpected_completions`.
+const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST2");
 
 impl QueueStats {
     /// Adds `n` to a counter this thread alone writes: no read-modify-write instruction.

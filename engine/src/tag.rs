@@ -1,51 +1,8 @@
-//! Per-tag state, owned by the queue's ring thread, and the `user_data` encoding of its SQEs.
+//! Per-tag state, owned by the thread of the core serving the queue.
 //!
 //! A tag is either with the kernel (a FETCH or COMMIT_AND_FETCH is in flight), with the server
 //! (a request is being served, maybe with backend I/O in flight), or finished. Transitions are
 //! checked: an impossible one is a bug, caught by a debug assertion here and by the tests.
-
-/// What a completion belongs to: bits 16..24 of `user_data`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
-    /// A ublk I/O command (FETCH_REQ / COMMIT_AND_FETCH_REQ) for the tag.
-    Ublk = 0,
-    /// A backend operation the target queued for the tag.
-    Target = 1,
-    /// The engine's own operations (the stop event), not tied to a tag.
-    Engine = 2,
-}
-
-/// `user_data` layout: tag (0..16) | kind (16..24) | target's sub-op byte (24..32) |
-/// generation (32..48). The generation changes with every request a tag serves, so a late CQE
-/// from an earlier request can never be taken for the current one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UserData {
-    pub tag: u16,
-    pub kind: Kind,
-    pub sub: u8,
-    pub gen: u16,
-}
-
-impl UserData {
-    pub fn encode(self) -> u64 {
-        u64::from(self.tag)
-            | (self.kind as u64) << 16
-            | u64::from(self.sub) << 24
-            | u64::from(self.gen) << 32
-    }
-
-    /// `None` for a kind this build never issues (a corrupted value).
-    pub fn decode(v: u64) -> Option<Self> {
-        let kind = match (v >> 16) as u8 {
-            0 => Kind::Ublk,
-            1 => Kind::Target,
-            2 => Kind::Engine,
-            _ => return None,
-        };
-        Some(UserData { tag: v as u16, kind, sub: (v >> 24) as u8, gen: (v >> 32) as u16 })
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TagState {
@@ -125,19 +82,6 @@ impl Default for Tag {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn user_data_round_trips() {
-        for &(tag, kind, sub, gen) in &[
-            (0u16, Kind::Ublk, 0u8, 0u16),
-            (4095, Kind::Target, 7, 65535),
-            (65535, Kind::Engine, 255, 1),
-        ] {
-            let u = UserData { tag, kind, sub, gen };
-            assert_eq!(UserData::decode(u.encode()), Some(u));
-        }
-        assert_eq!(UserData::decode(9 << 16), None);
-    }
 
     #[test]
     fn a_request_life() {

@@ -3,7 +3,7 @@
 
 use std::os::fd::RawFd;
 
-use io_uring::squeue;
+use io_uring::{squeue, types};
 
 use crate::error::Result;
 use crate::stats::QueueStats;
@@ -52,6 +52,9 @@ pub struct Request {
     /// Copy mode: `buf` is registered as the ring's fixed buffer at this index, so backend I/O
     /// can use READ_FIXED/WRITE_FIXED with `buf` as the address (no page pinning per I/O).
     pub buf_reg: Option<u16>,
+    /// Fixed-file index of the target's first file ([`Target::files`]) on this queue's ring;
+    /// the others follow it. Several queues share a ring, each with its own range.
+    pub first_file: u32,
 }
 
 impl Request {
@@ -61,12 +64,23 @@ impl Request {
     pub fn offset(&self) -> u64 {
         self.desc.start_sector * 512
     }
+
+    /// The target's file `i` (in [`Target::files`] order) as the ring's fixed file.
+    pub fn file(&self, i: u32) -> types::Fixed {
+        types::Fixed(self.first_file + i)
+    }
 }
+
+/// Sub-op bytes from this value up belong to a target that wraps another (`fault`): the inner
+/// target's own sub-ops stay below it, so the wrapper can tell its completions from the
+/// inner target's.
+pub const WRAPPER_SUB_OPS: u8 = 0x80;
 
 /// How a handler queues SQEs on its ring: the engine stamps `user_data` (tag, sub-op,
 /// generation) and counts them in flight.
 pub trait Submit {
-    /// Queues `sqe` for `req`; `sub` is a byte the target gets back with the completion.
+    /// Queues `sqe` for `req`; `sub` is a byte the target gets back with the completion
+    /// (below [`WRAPPER_SUB_OPS`] unless the target wraps another).
     ///
     /// # Safety
     /// Every buffer `sqe` points at must stay valid until its completion is delivered to
@@ -93,12 +107,13 @@ pub trait Target: Send + Sync {
     fn backing(&self) -> Option<String> {
         None
     }
-    /// Backing files, registered on every queue ring at fixed indexes 1.. (0 is `/dev/ublkcN`).
     /// Whether the queue handler can serve a request whose data is the ring's fixed buffer
     /// `Request::buf_index` (zero copy) instead of `Request::buf`.
     fn supports_zero_copy(&self) -> bool {
         false
     }
+    /// Backing files, registered on each queue's ring right after its `/dev/ublkcN`
+    /// (`Request::file`).
     fn files(&self) -> Vec<RawFd> {
         Vec::new()
     }

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{opcode, types};
-use ublk_fast_engine::target::{Flow, QueueHandler, Request, Submit, Target, TargetParams};
+use ublk_fast_engine::target::{
+    Flow, QueueHandler, Request, Submit, Target, TargetParams, WRAPPER_SUB_OPS,
+};
 use ublk_fast_engine::uapi::*;
 use ublk_fast_engine::Result;
 
-/// The sub-op of the delay timer; inner targets use small sub-op numbers.
-const DELAY: u8 = 0xff;
+/// The sub-op of the delay timer: a wrapper's, above every inner target's sub-op.
+const DELAY: u8 = WRAPPER_SUB_OPS;
 
 /// What to inject.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,8 +140,8 @@ impl QueueHandler for FaultQueue {
         }
         if !self.spec.delay.is_zero() {
             let sqe = opcode::Timeout::new(&*self.delay as *const types::Timespec).build();
-            // SAFETY: the timespec is owned by this handler, which outlives the queue's ring
-            // loop, and is never moved (boxed).
+            // SAFETY: the timespec is owned by this handler, which its core drops only after
+            // its ring, and is never moved (boxed).
             unsafe { io.push(req, DELAY, sqe) };
             return Flow::Pending;
         }
@@ -150,9 +152,10 @@ impl QueueHandler for FaultQueue {
     }
 
     fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
-        if sub != DELAY {
+        if sub < WRAPPER_SUB_OPS {
             return self.inner.complete(req, sub, res, io);
         }
+        debug_assert_eq!(sub, DELAY);
         // The timer expired (-ETIME) or was cancelled at shutdown: either way, go on.
         match self.spec.errno {
             Some(e) => Flow::Done(-e),

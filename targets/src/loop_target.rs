@@ -25,9 +25,6 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 
-/// Fixed-file index of the backing file on the queue ring (0 is `/dev/ublkcN`).
-const BACKING: types::Fixed = types::Fixed(1);
-
 #[derive(Clone, Debug, Default)]
 pub struct LoopOptions {
     pub buffered: bool,
@@ -337,14 +334,16 @@ impl LoopQueue {
             (None, reg) => (req.buf.wrapping_add(done as usize), reg),
         };
         let sqe = match (fixed, read) {
-            (Some(idx), true) => opcode::ReadFixed::new(BACKING, at, len, idx).offset(off).build(),
-            (Some(idx), false) => opcode::WriteFixed::new(BACKING, at, len, idx)
+            (Some(idx), true) => {
+                opcode::ReadFixed::new(req.file(0), at, len, idx).offset(off).build()
+            }
+            (Some(idx), false) => opcode::WriteFixed::new(req.file(0), at, len, idx)
                 .offset(off)
                 .rw_flags(rw_flags)
                 .build(),
-            (None, true) => opcode::Read::new(BACKING, at, len).offset(off).build(),
+            (None, true) => opcode::Read::new(req.file(0), at, len).offset(off).build(),
             (None, false) => {
-                opcode::Write::new(BACKING, at, len).offset(off).rw_flags(rw_flags).build()
+                opcode::Write::new(req.file(0), at, len).offset(off).rw_flags(rw_flags).build()
             }
         };
         // SAFETY: copy mode: `at..at+len` lies inside the tag's buffer (bytes() <= buf_len was
@@ -360,7 +359,7 @@ impl LoopQueue {
             sub::ZERO_RANGE => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
             _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
         };
-        let sqe = opcode::Fallocate::new(BACKING, req.bytes() as u64)
+        let sqe = opcode::Fallocate::new(req.file(0), req.bytes() as u64)
             .offset(req.offset())
             .mode(mode)
             .build();
@@ -397,7 +396,8 @@ impl QueueHandler for LoopQueue {
                 Flow::Pending
             }
             UBLK_IO_OP_FLUSH => {
-                let sqe = opcode::Fsync::new(BACKING).flags(types::FsyncFlags::DATASYNC).build();
+                let sqe =
+                    opcode::Fsync::new(req.file(0)).flags(types::FsyncFlags::DATASYNC).build();
                 QueueStats::bump(&io.stats().backend_fsyncs, 1);
                 // SAFETY: fsync references no memory.
                 unsafe { io.push(req, sub::FLUSH, sqe) };

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use io_uring::{opcode, types};
+use io_uring::opcode;
 use ublk_fast_engine::target::{Flow, QueueHandler, Request, Submit, Target, TargetParams};
 use ublk_fast_engine::uapi::*;
 use ublk_fast_engine::{Error, Result};
@@ -22,8 +22,6 @@ impl NullTarget {
         Ok(NullTarget { size_bytes, zero })
     }
 }
-
-const ZERO: types::Fixed = types::Fixed(1);
 
 impl Target for NullTarget {
     fn name(&self) -> &'static str {
@@ -78,7 +76,7 @@ impl NullQueue {
     fn push_zero(&mut self, req: &Request, idx: u16, io: &mut dyn Submit) {
         let done = self.zeroed[usize::from(req.tag)];
         let len = req.bytes() as u32 - done;
-        let sqe = opcode::ReadFixed::new(ZERO, done as usize as *mut u8, len, idx).build();
+        let sqe = opcode::ReadFixed::new(req.file(0), done as usize as *mut u8, len, idx).build();
         // SAFETY: the fixed buffer is the request's pages, registered by the driver until we
         // commit; `done..done+len` lies inside the request.
         unsafe { io.push(req, 0, sqe) };

@@ -27,10 +27,24 @@ pub struct DevRow {
     pub target: Option<String>,
     pub args: Vec<String>,
     pub flags: Vec<String>,
+    /// The CPU serving each queue.
+    pub queue_cpus: Vec<usize>,
+    /// The kernel's CPUs for each queue (what `queue_cpus` was chosen from).
+    pub queue_affinity: Vec<Vec<usize>>,
     /// How the serving daemon set its queues up.
     pub setup: Option<String>,
     /// The daemon's counters summed over its queues (absent if it publishes none).
     pub stats: Option<std::collections::BTreeMap<&'static str, u64>>,
+    /// Requests each queue has completed (empty if the daemon publishes no counters).
+    pub queue_requests: Vec<u64>,
+}
+
+/// Requests completed by each queue of a daemon's stats file.
+fn queue_requests(id: u32) -> Vec<u64> {
+    let ops = ["reads", "writes", "flushes", "discards", "write_zeroes"];
+    StatsRegion::read_file(&record::stats_path(id))
+        .map(|rows| rows.iter().map(|r| ops.iter().map(|o| r.counter(o)).sum()).collect())
+        .unwrap_or_default()
 }
 
 /// Sums the per-queue counters of a daemon's stats file.
@@ -75,9 +89,12 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         max_io_bytes: info.max_io_buf_bytes,
         target: rec.as_ref().map(|r| r.target.clone()),
         setup: rec.as_ref().map(|r| r.setup.clone()),
+        queue_cpus: rec.as_ref().map(|r| r.queue_cpus.clone()).unwrap_or_default(),
+        queue_affinity: rec.as_ref().map(|r| r.queue_affinity.clone()).unwrap_or_default(),
         args: rec.map(|r| r.args).unwrap_or_default(),
         flags: feature_names(info.flags),
         stats: stats(id),
+        queue_requests: queue_requests(id),
     })
 }
 

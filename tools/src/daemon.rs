@@ -48,6 +48,8 @@ fn wait_signal(timeout: Duration) -> Option<i32> {
 /// Messages from the daemon child to the waiting parent, one line each.
 enum Report<'a> {
     Added(u32),
+    /// The kernel granted less than was asked (printed by the waiting parent).
+    Notice(&'a str),
     Live(u32),
     Failed(&'a str),
 }
@@ -56,6 +58,7 @@ fn report(pipe: &mut Option<File>, r: Report) {
     if let Some(p) = pipe {
         let line = match r {
             Report::Added(id) => format!("ADDED {id}\n"),
+            Report::Notice(m) => format!("NOTICE {}\n", m.replace('\n', " ")),
             Report::Live(id) => format!("LIVE {id}\n"),
             Report::Failed(m) => format!("FAILED {}\n", m.replace('\n', " ")),
         };
@@ -131,6 +134,13 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
         }
     };
     let id = dev.id();
+    for n in &dev.notices {
+        if pipe.is_some() {
+            report(&mut pipe, Report::Notice(n));
+        } else {
+            eprintln!("ublk-fast: notice: {n}");
+        }
+    }
     let rec = Record {
         id,
         // SAFETY: getpid has no preconditions.
@@ -140,6 +150,7 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
         queues: dev.info.nr_hw_queues,
         depth: dev.info.queue_depth,
         queue_cpus: dev.queue_cpus.clone(),
+        queue_affinity: dev.queue_affinity.clone(),
         argv,
         setup: dev.setup.clone(),
     };
@@ -151,9 +162,9 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
             device: format!("ublkb{id}"),
             target: target.name().to_string(),
             backing: target.backing().unwrap_or_default(),
-            queues: cfg.queues,
-            depth: cfg.depth,
-            zero_copy: if dev.zero_copy { "on" } else { "off" },
+            queues: dev.info.nr_hw_queues,
+            depth: dev.info.queue_depth,
+            zero_copy: if dev.mode.zero_copy() { "on" } else { "off" },
             stats,
         };
         crate::metrics::spawn(l, vec![meta]);
@@ -164,8 +175,11 @@ fn serve(run: Run, mut pipe: Option<File>) -> Result<(), CliError> {
         drop(pipe.take());
         // Into the daemon log.
         eprintln!(
-            "ublk-fast: dev {id}: {} queues x depth {}: {}",
-            cfg.queues, cfg.depth, dev.setup
+            "ublk-fast: dev {id}: {} queues x depth {}, max I/O {} KiB: {}",
+            dev.info.nr_hw_queues,
+            dev.info.queue_depth,
+            dev.info.max_io_buf_bytes >> 10,
+            dev.setup
         );
     } else {
         println!("/dev/ublkb{id}");
@@ -232,6 +246,7 @@ pub fn run_background(run: Run) -> Result<(), CliError> {
     for line in BufReader::new(rd).lines().map_while(Result::ok) {
         match line.split_once(' ') {
             Some(("ADDED", id)) => added = id.parse::<u32>().ok(),
+            Some(("NOTICE", m)) => eprintln!("ublk-fast: notice: {m}"),
             Some(("LIVE", id)) => live = id.parse::<u32>().ok(),
             Some(("FAILED", m)) => failed = Some(m.to_string()),
             _ => {}

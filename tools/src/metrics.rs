@@ -64,7 +64,7 @@ const COUNTERS: &[(&str, &str, &str, &str, f64)] = &[
     ),
     (
         "ring_submits_total",
-        "io_uring_enter calls by the queue loop.",
+        "io_uring_enter calls by the core thread serving the queue (counted on its first queue).",
         "counter",
         "ring_enters",
         1.0,
@@ -82,6 +82,13 @@ const COUNTERS: &[(&str, &str, &str, &str, f64)] = &[
         "Zero-copy requests whose automatic buffer registration failed (served after a manual one).",
         "counter",
         "zero_copy_fallbacks",
+        1.0,
+    ),
+    (
+        "unexpected_completions_total",
+        "Completions that matched nothing in flight (stale or unknown): logged, never applied.",
+        "counter",
+        "unexpected_completions",
         1.0,
     ),
     (

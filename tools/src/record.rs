@@ -14,7 +14,12 @@ pub struct Record {
     pub args: Vec<String>,
     pub queues: u16,
     pub depth: u16,
+    /// The CPU each queue's thread is pinned to.
     pub queue_cpus: Vec<usize>,
+    /// The kernel's CPUs for each queue (GET_QUEUE_AFFINITY), which `queue_cpus` was chosen
+    /// from.
+    #[serde(default)]
+    pub queue_affinity: Vec<Vec<usize>>,
     /// The command line that created the device (without the program name), so `recover`
     /// can rebuild the same target.
     #[serde(default)]
@@ -86,6 +91,7 @@ mod tests {
             queues: 2,
             depth: 64,
             queue_cpus: vec![0, 1],
+            queue_affinity: vec![vec![0], vec![1]],
             argv: vec!["null".into()],
             setup: "ring DEFER_TASKRUN".into(),
         };

@@ -114,14 +114,19 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
         ("reissue", "2", "auto", "", 5),
         ("reissue", "1", "off", "", 1),
         ("reissue", "2", "auto", "--batch-io", 2),
+        // The smallest and the largest queue depth the driver takes.
+        ("reissue", "1", "off", "-d 1", 1),
+        ("reissue", "2", "auto", "-d 4096", 1),
+        ("reissue", "2", "off", "-d 4096", 1),
     ];
     let mut total = 0;
     for (mode, queues, zc, more, cycles) in cases {
         if skip_mode(more) {
             continue;
         }
-        let f = format!("/tmp/ublk-fast-it-recover-{mode}-{queues}-{zc}.img");
-        let dir = format!("/tmp/ublk-fast-it-recover-state-{mode}-{queues}-{zc}");
+        let name = format!("{mode}-{queues}-{zc}{}", more.replace([' ', '-'], ""));
+        let f = format!("/tmp/ublk-fast-it-recover-{name}.img");
+        let dir = format!("/tmp/ublk-fast-it-recover-state-{name}");
         sh(&format!("rm -rf {f} {dir} && mkdir {dir} && truncate -s 64M {f}"));
         let recovery = format!("--recovery={mode}");
         let mut args = vec!["loop", &f, "-q", queues, &recovery, "--zero-copy", zc];
