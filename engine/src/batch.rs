@@ -271,8 +271,7 @@ impl Batch {
     }
 
     /// Whether any COMMIT is still with the kernel.
-    #[cfg(test)]
-    fn commits_in_flight(&self) -> bool {
+    pub fn commits_in_flight(&self) -> bool {
         self.busy.iter().any(|&b| b)
     }
 
@@ -297,6 +296,13 @@ impl Batch {
         let e = s.get(i * self.elem_bytes..i * self.elem_bytes + 8)?;
         let h = ublk_elem_header::from_bytes(e.try_into().ok()?);
         Some((h.tag, h.result))
+    }
+
+    /// Unregisters the FETCH buffer group from the ring (the queue is leaving it).
+    pub fn unbind(&self, ring: &IoUring) -> Result<()> {
+        ring.submitter()
+            .unregister_buf_ring(self.fetch.group)
+            .map_err(|e| Error::os("unregister FETCH buffer ring", e))
     }
 
     /// Frees commit array `slot` after a `Stopped` completion.

@@ -1,25 +1,23 @@
-//! A device's life on the server side: ADD_DEV → SET_PARAMS → queue threads fetch every tag →
-//! START_DEV → serve → STOP_DEV → queues end → DEL_DEV.
+//! A device's life on the server side: ADD_DEV → SET_PARAMS → its queues are seated on the
+//! service's cores and fetch every tag → START_DEV → serve → STOP_DEV → the queues leave their
+//! cores → DEL_DEV.
 //!
 //! Until [`Device::create`] returns, any failure removes what was created: no half-made device
 //! is ever left behind.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::buf::arena_len;
-use crate::core::{Core, CoreConfig};
-use crate::cpus::{pin_current_thread, place_queues};
+use crate::core::CorePool;
+use crate::cpus::place_queues;
 use crate::ctrl::Control;
 use crate::error::{Error, Result};
 use crate::mode::{Commands, Data, Mode};
-use crate::queue::{QueueConfig, QueueExit};
-use crate::ring::SqPoll;
+use crate::queue::QueueConfig;
 use crate::stats::StatsRegion;
 use crate::target::{Target, TargetParams};
 use crate::uapi::*;
@@ -39,8 +37,6 @@ pub struct DeviceConfig {
     pub zero_copy: ZeroCopy,
     /// What the kernel does with I/O when this daemon dies, until `recover` starts another.
     pub recovery: Recovery,
-    /// Queue rings with SQPOLL, all sharing the first queue's SQ thread.
-    pub sqpoll: Option<SqPoll>,
     /// UBLK_F_USER_COPY: the server copies request data itself through `/dev/ublkcN`.
     pub user_copy: bool,
     /// UBLK_F_BATCH_IO: per-queue batch commands instead of per-tag FETCH/COMMIT_AND_FETCH.
@@ -232,49 +228,31 @@ pub fn ublk_params(p: &TargetParams, max_io_bytes: u32) -> ublk_params {
     out
 }
 
-/// A core thread serving some of the device's queues on its own ring.
-struct CoreThread {
-    /// Written to stop the core (see `CoreConfig::wake_fd`).
-    wake: OwnedFd,
-    handle: Option<JoinHandle<Result<QueueExit>>>,
-}
-
-/// A started device and its queue threads.
+/// A device served by the service's cores.
 pub struct Device {
     ctrl: Control,
     pub info: ublksrv_ctrl_dev_info,
     pub features: u64,
+    /// The CPU of the core serving each queue.
     pub queue_cpus: Vec<usize>,
-    /// One thread per CPU in `queue_cpus`, each serving the queues placed on that CPU.
-    cores: Vec<CoreThread>,
+    /// The kernel's CPUs for each queue (GET_QUEUE_AFFINITY).
+    pub queue_affinity: Vec<Vec<usize>>,
     pub stats: Option<Arc<StatsRegion>>,
     /// How request data moves and how the queues talk to the driver.
     pub mode: Mode,
-    // Closed after the queue threads are joined (they use its fd).
+    /// `/dev/ublkcN`, closed once every queue has left its core (the driver frees the device,
+    /// or marks it QUIESCED, only after that).
     cdev: Option<File>,
-    /// How the queues are set up (ring flags, buffers), for the daemon's log.
+    /// Queues seated on cores (each leaves with a report in the pool's departures).
+    seated: usize,
+    /// How the queues are set up (ring flags, buffers), for the log and `list`.
     pub setup: String,
     /// Where the kernel granted less than was asked (queues, depth, I/O size), one line each.
     pub notices: Vec<String>,
-    /// The kernel's CPUs for each queue (GET_QUEUE_AFFINITY).
-    pub queue_affinity: Vec<Vec<usize>>,
 }
 
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::last_os("eventfd"));
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn kick(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a local into an eventfd.
-    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
-}
+/// How long a device's queues may take to leave their cores once the driver ended them.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to create the node.
 fn open_cdev(id: u32) -> Result<File> {
@@ -292,11 +270,13 @@ fn open_cdev(id: u32) -> Result<File> {
 }
 
 impl Device {
-    /// Creates, configures and starts a device served by `target`. `on_added` hears the id as
-    /// soon as the kernel assigned it, so a supervising process can clean up if we die.
+    /// Creates, configures and starts a device served by `target` on `pool`'s cores.
+    /// `on_added` hears the id as soon as the kernel assigned it. On failure nothing is left:
+    /// the device is stopped and deleted.
     pub fn create(
         cfg: &DeviceConfig,
         target: Arc<dyn Target>,
+        pool: &CorePool,
         on_added: &mut dyn FnMut(u32),
     ) -> Result<Device> {
         let mut ctrl = Control::open()?;
@@ -324,7 +304,7 @@ impl Device {
         }
         flags |= want;
         if want != 0 {
-            // Lets an operator hand the device to a new daemon without an I/O error.
+            // Lets an operator hand the device to a new service without an I/O error.
             flags |= UBLK_F_QUIESCE & features;
         }
         let mut info = ublksrv_ctrl_dev_info {
@@ -345,20 +325,25 @@ impl Device {
         let r = dev
             .ctrl
             .set_params(dev.info.dev_id, &params)
-            .and_then(|()| dev.bring_up(&granted, target, false));
+            .and_then(|()| dev.bring_up(&granted, target, pool, false));
         match r {
             Ok(()) => Ok(dev),
             Err(e) => {
-                dev.teardown();
+                dev.teardown(pool);
                 Err(e)
             }
         }
     }
 
-    /// Takes over device `id` whose daemon died (QUIESCED or FAIL_IO): START_USER_RECOVERY,
-    /// new queues fetch every tag, END_USER_RECOVERY. On failure the device is left as it was
-    /// (its data is the user's), never deleted.
-    pub fn recover(cfg: &DeviceConfig, target: Arc<dyn Target>, id: u32) -> Result<Device> {
+    /// Takes over device `id`, whose server died or handed it over (QUIESCED or FAIL_IO):
+    /// START_USER_RECOVERY, the queues fetch every tag on `pool`'s cores, END_USER_RECOVERY.
+    /// On failure the device is left as it was (its data is the user's), never deleted.
+    pub fn recover(
+        cfg: &DeviceConfig,
+        target: Arc<dyn Target>,
+        id: u32,
+        pool: &CorePool,
+    ) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
         let info = ctrl.dev_info(id)?;
@@ -368,18 +353,18 @@ impl Device {
             )));
         }
         if info.state == UBLK_S_DEV_LIVE {
-            // The kernel may not have noticed the old daemon's death yet: wait a little.
+            // The kernel may not have noticed the old server's death yet: wait a little.
             let deadline = Instant::now() + Duration::from_secs(10);
             while ctrl.dev_info(id)?.state == UBLK_S_DEV_LIVE {
                 if Instant::now() > deadline {
                     return Err(Error::Invalid(format!(
-                        "device {id} is LIVE: its daemon still serves it (stop it first)"
+                        "device {id} is LIVE: its server still serves it (stop it first)"
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        // EBUSY until the old daemon's files are closed.
+        // EBUSY until the old server's files are closed.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match ctrl.start_user_recovery(id) {
@@ -397,11 +382,12 @@ impl Device {
             check_memlock(&cfg)?;
         }
         let mut dev = Device::new(ctrl, info, features, mode);
-        match dev.bring_up(&cfg, target, true) {
+        match dev.bring_up(&cfg, target, pool, true) {
             Ok(()) => Ok(dev),
             Err(e) => {
-                let _ = dev.join_queues();
-                dev.cdev = None;
+                // Leave it for another try: its queues leave the cores, the file closes, and
+                // the kernel keeps the device waiting (QUIESCED).
+                dev.let_go(pool);
                 Err(e)
             }
         }
@@ -414,18 +400,18 @@ impl Device {
             info,
             features,
             queue_cpus: Vec::new(),
-            cores: Vec::new(),
+            queue_affinity: Vec::new(),
             stats: None,
             mode,
             cdev: None,
+            seated: 0,
             setup: String::new(),
             notices: Vec::new(),
-            queue_affinity: Vec::new(),
         }
     }
 
-    /// Whether the kernel still has this device and will hold it for a new daemon
-    /// (`--recovery`): then its record must survive this daemon.
+    /// Whether the kernel still has this device and will hold it for a new server
+    /// (`--recovery`): then its record must survive.
     pub fn awaits_recovery(&mut self) -> bool {
         let id = self.info.dev_id;
         self.ctrl.dev_info(id).is_ok_and(|i| i.flags & UBLK_F_USER_RECOVERY != 0)
@@ -435,19 +421,19 @@ impl Device {
         self.info.dev_id
     }
 
-    /// Opens `/dev/ublkcN`, starts the queues (each fetches every tag), then START_DEV, or
-    /// END_USER_RECOVERY when taking over a quiesced device.
+    /// Opens `/dev/ublkcN`, seats every queue on its core (each fetches every tag), then
+    /// START_DEV, or END_USER_RECOVERY when taking over a device.
     fn bring_up(
         &mut self,
         cfg: &DeviceConfig,
         target: Arc<dyn Target>,
+        pool: &CorePool,
         recovering: bool,
     ) -> Result<()> {
         let id = self.info.dev_id;
         let cdev = open_cdev(id)?;
         let cdev_fd = cdev.as_raw_fd();
         self.cdev = Some(cdev);
-
         let mut affinity = Vec::with_capacity(usize::from(cfg.queues));
         for q in 0..cfg.queues {
             affinity.push(self.ctrl.queue_affinity(id, q)?);
@@ -460,53 +446,23 @@ impl Device {
         }
         let stats = Arc::new(StatsRegion::create(stats_path.as_deref(), cfg.queues)?);
         self.stats = Some(Arc::clone(&stats));
-
-        // One core per CPU used, serving every queue placed on that CPU.
-        let mut groups: Vec<(usize, Vec<u16>)> = Vec::new();
-        for (q, &cpu) in self.queue_cpus.iter().enumerate() {
-            match groups.iter_mut().find(|(c, _)| *c == cpu) {
-                Some((_, qs)) => qs.push(q as u16),
-                None => groups.push((cpu, vec![q as u16])),
+        for q in 0..cfg.queues {
+            let qcfg = QueueConfig {
+                dev_id: id,
+                q,
+                depth: cfg.depth,
+                max_io_bytes: cfg.max_io_bytes,
+                cdev_fd,
+                files: target.files(),
+                stats: Arc::clone(&stats),
+                mode: self.mode,
+            };
+            let cpu = self.queue_cpus[usize::from(q)];
+            let setup = pool.add_queue(cpu, qcfg, Arc::clone(&target)).map_err(|e| e.dev(id))?;
+            self.seated += 1;
+            if self.setup.is_empty() {
+                self.setup = setup;
             }
-        }
-        let (ready_tx, ready_rx) = mpsc::channel::<(u16, Result<Ready>)>();
-        let mut sqpoll = cfg.sqpoll;
-        let mut ready = 0;
-        for (i, (cpu, qs)) in groups.iter().enumerate() {
-            let wake = eventfd()?;
-            let queues = qs
-                .iter()
-                .map(|&q| QueueConfig {
-                    dev_id: id,
-                    q,
-                    depth: cfg.depth,
-                    max_io_bytes: cfg.max_io_bytes,
-                    cdev_fd,
-                    files: target.files(),
-                    stats: Arc::clone(&stats),
-                    mode: self.mode,
-                })
-                .collect();
-            let ccfg = CoreConfig { cpu: *cpu, sqpoll, wake_fd: wake.as_raw_fd() };
-            let target = Arc::clone(&target);
-            let tx = ready_tx.clone();
-            let first_q = qs[0];
-            let handle = std::thread::Builder::new()
-                .name(format!("ublk{id}c{cpu}"))
-                .spawn(move || core_main(ccfg, queues, first_q, target, tx))
-                .map_err(|e| Error::os("spawn core thread", e).queue(first_q))?;
-            self.cores.push(CoreThread { wake, handle: Some(handle) });
-            if let (0, Some(p)) = (i, sqpoll.as_mut()) {
-                // The other cores attach to the first core's SQ thread: wait for its ring.
-                let r = self.wait_ready(&ready_rx)?;
-                p.attach_to = Some(r.ring_fd);
-                ready += 1;
-            }
-        }
-        drop(ready_tx);
-        while ready < groups.len() {
-            self.wait_ready(&ready_rx)?;
-            ready += 1;
         }
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
@@ -519,57 +475,34 @@ impl Device {
         Ok(())
     }
 
-    /// The next queue's setup report; the first records how queues are set up.
-    fn wait_ready(&mut self, rx: &mpsc::Receiver<(u16, Result<Ready>)>) -> Result<Ready> {
-        match rx.recv() {
-            Ok((_, Ok(r))) => {
-                if self.setup.is_empty() {
-                    self.setup = r.setup.clone();
-                }
-                Ok(r)
-            }
-            Ok((q, Err(e))) => Err(e.queue(q).dev(self.info.dev_id)),
-            Err(_) => Err(Error::Invalid("a core thread died during setup".into())),
+    /// Waits until every seated queue has left its core, then closes `/dev/ublkcN`. Returns
+    /// the first error a queue left with.
+    fn wait_left(&mut self, pool: &CorePool) -> Result<()> {
+        let id = self.info.dev_id;
+        let gone = pool.departures().wait(id, self.seated, LEAVE_TIMEOUT);
+        self.seated = 0;
+        self.cdev = None;
+        let gone = gone?;
+        match gone.into_iter().find_map(|g| g.error) {
+            Some(e) => Err(Error::Invalid(e)),
+            None => Ok(()),
         }
     }
 
-    /// True once any core thread has ended (the device was stopped or deleted from outside).
-    pub fn any_queue_ended(&self) -> bool {
-        self.cores.iter().any(|c| c.handle.as_ref().is_none_or(|h| h.is_finished()))
+    /// Lets the device's queues go after a failed take-over: stopping the queues without
+    /// stopping the device needs the driver's help, which only QUIESCE_DEV gives.
+    fn let_go(&mut self, pool: &CorePool) {
+        let id = self.info.dev_id;
+        if self.seated > 0 {
+            let _ = self.ctrl.quiesce_dev(id, 1000);
+            let _ = self.wait_left(pool);
+        }
+        self.cdev = None;
     }
 
-    /// Tells every core to stop and joins them. Returns the first error.
-    fn join_queues(&mut self) -> Result<QueueExit> {
-        for c in &self.cores {
-            kick(c.wake.as_raw_fd());
-        }
-        let mut total = QueueExit::default();
-        let mut first_err = None;
-        for c in &mut self.cores {
-            if let Some(h) = c.handle.take() {
-                match h.join() {
-                    Ok(Ok(x)) => {
-                        total.requests += x.requests;
-                        total.aborted_tags += x.aborted_tags;
-                    }
-                    Ok(Err(e)) => {
-                        first_err.get_or_insert(e);
-                    }
-                    Err(_) => {
-                        first_err.get_or_insert(Error::Invalid("a core thread panicked".into()));
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
-    }
-
-    /// STOP_DEV (the kernel flushes outstanding I/O through our queues and aborts the fetches),
-    /// join the queues, close `/dev/ublkcN`, DEL_DEV.
-    fn teardown(&mut self) -> Option<Error> {
+    /// STOP_DEV (the driver waits for the I/O in flight, which the cores finish, then aborts
+    /// the fetches), the queues leave their cores, `/dev/ublkcN` closes, DEL_DEV.
+    fn teardown(&mut self, pool: &CorePool) -> Option<Error> {
         let id = self.info.dev_id;
         let mut err = None;
         if let Err(e) = self.ctrl.stop_dev(id) {
@@ -578,12 +511,11 @@ impl Device {
                 err = Some(e);
             }
         }
-        if let Err(e) = self.join_queues() {
+        if let Err(e) = self.wait_left(pool) {
             err.get_or_insert(e);
         }
-        self.cdev = None;
         // Not the waiting DEL_DEV: an application holding /dev/ublkbN open must not be able to
-        // hang our exit.
+        // hang the service.
         if let Err(e) = self.ctrl.del_dev_nowait(id) {
             if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) {
                 err.get_or_insert(e);
@@ -593,37 +525,37 @@ impl Device {
     }
 
     /// Stops and deletes the device.
-    pub fn remove(mut self) -> Result<()> {
-        match self.teardown() {
+    pub fn remove(mut self, pool: &CorePool) -> Result<()> {
+        match self.teardown(pool) {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// A queue ended (the device was stopped or deleted from outside, or a queue failed): join
-    /// the queues and close our end so a pending DEL_DEV can finish. Deletes the device only if
-    /// a queue failed.
-    pub fn release(&mut self) -> Result<()> {
-        let r = self.join_queues().map(|_| ());
+    /// Hands the device over (UBLK_F_QUIESCE): the driver parks new I/O, waits up to
+    /// `timeout_ms` for an idle tag on every queue, and aborts the fetches; once the queues
+    /// left and `/dev/ublkcN` is closed the device is QUIESCED, for `recover` (here or in a
+    /// new service). On EBUSY (I/O did not drain) nothing changed: the device still serves.
+    pub fn quiesce(&mut self, pool: &CorePool, timeout_ms: u64) -> Result<()> {
+        let id = self.info.dev_id;
+        self.ctrl.quiesce_dev(id, timeout_ms)?;
+        self.wait_left(pool)
+    }
+
+    /// The device's queues left on their own (it was stopped or deleted from outside, or a
+    /// queue failed): close our end so a pending DEL_DEV can finish. Deletes the device only
+    /// if a queue failed.
+    pub fn release(&mut self, failed: bool) {
+        self.seated = 0;
         self.cdev = None;
-        if r.is_err() {
+        if failed {
             // A queue failed on its own rather than being stopped: nothing serves this device
             // any more, so remove it instead of leaving it to hang its users.
             let id = self.info.dev_id;
             let _ = self.ctrl.stop_dev(id);
             let _ = self.ctrl.del_dev_nowait(id);
         }
-        r
     }
-}
-
-/// `prctl` option (linux/prctl.h, 5.6+); not exported by the libc crate.
-const PR_SET_IO_FLUSHER: libc::c_int = 57;
-
-/// A queue thread's report that its ring is up and every tag can be fetched.
-struct Ready {
-    ring_fd: RawFd,
-    setup: String,
 }
 
 /// Without CAP_IPC_LOCK, the locked and registered copy buffers count against RLIMIT_MEMLOCK:
@@ -665,43 +597,6 @@ fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
-fn core_main(
-    cfg: CoreConfig,
-    queues: Vec<QueueConfig>,
-    first_q: u16,
-    target: Arc<dyn Target>,
-    ready: mpsc::Sender<(u16, Result<Ready>)>,
-) -> Result<QueueExit> {
-    let cpu = cfg.cpu;
-    let setup = || -> Result<Core> {
-        pin_current_thread(cpu).map_err(|e| Error::os("sched_setaffinity", e))?;
-        // Lets the core thread allocate memory while the block layer writes back through us.
-        // SAFETY: prctl with integer arguments only. Failure (no CAP_SYS_RESOURCE) is harmless.
-        unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-        let mut qs = Vec::with_capacity(queues.len());
-        for qc in queues {
-            let h = target.queue_handler(qc.q, qc.depth).map_err(|e| e.queue(qc.q))?;
-            qs.push((qc, h));
-        }
-        let mut core = Core::new(cfg, qs)?;
-        core.start()?;
-        Ok(core)
-    };
-    let mut core = match setup() {
-        Ok(c) => {
-            let _ = ready.send((first_q, Ok(Ready { ring_fd: c.ring_fd(), setup: c.describe() })));
-            c
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            let _ = ready.send((first_q, Err(e)));
-            return Err(Error::Invalid(msg));
-        }
-    };
-    drop(ready);
-    core.run()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,7 +624,6 @@ mod tests {
             stats_dir: None,
             zero_copy: ZeroCopy::Auto,
             recovery: Recovery::None,
-            sqpoll: None,
             user_copy: false,
             batch: false,
         };

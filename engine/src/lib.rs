@@ -1,6 +1,7 @@
 //! The ublk-fast engine: ublk UAPI bindings, the control plane, and the per-queue io_uring
 //! engine that serves requests for a [`target::Target`].
 
+pub mod alloc;
 pub mod batch;
 pub mod buf;
 pub mod core;

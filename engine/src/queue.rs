@@ -132,6 +132,8 @@ pub struct Queue {
     /// Tags the driver has not aborted yet.
     live_tags: usize,
     backend_inflight: usize,
+    /// UNREGISTER_IO_BUF commands in flight (they outlive their request's commit).
+    unreg_inflight: usize,
     stopping: bool,
     requests: u64,
     /// Batch: the PREP_IO_CMDS result, once it completed.
@@ -219,6 +221,7 @@ impl Queue {
             slots,
             live_tags: 0,
             backend_inflight: 0,
+            unreg_inflight: 0,
             stopping: false,
             requests: 0,
             prepped: None,
@@ -255,6 +258,29 @@ impl Queue {
     /// was asked for; and no backend I/O in flight (its buffers must not be reused under it).
     pub fn finished(&self) -> bool {
         (self.live_tags == 0 || self.stopping) && self.backend_inflight == 0
+    }
+
+    /// Whether nothing of this queue is left in flight on the ring: every tag aborted by the
+    /// driver, no backend op, COMMIT or buffer command pending. Its resources may then go, and
+    /// its `user_data` slot can be reused without a late completion landing in a new queue.
+    pub fn removable(&self) -> bool {
+        self.live_tags == 0
+            && self.backend_inflight == 0
+            && self.unreg_inflight == 0
+            && self.batch.as_ref().is_none_or(|b| !b.commits_in_flight())
+    }
+
+    /// (device, queue), for reports.
+    pub fn id(&self) -> (u32, u16) {
+        (self.cfg.dev_id, self.cfg.q)
+    }
+
+    /// Batch: gives the FETCH buffer group back to the ring before the queue is dropped.
+    pub fn unbind_buf_group(&self, ring: &Ring) -> Result<()> {
+        match &self.batch {
+            Some(b) => b.unbind(&ring.uring),
+            None => Ok(()),
+        }
     }
 
     pub fn stop(&mut self) {
@@ -446,6 +472,7 @@ impl Queue {
             // The request completes once both the commit and this are done; a failure leaves
             // nothing we could undo.
             Op::UnregBuf => {
+                self.unreg_inflight = self.unreg_inflight.saturating_sub(1);
                 if res < 0 {
                     self.log(Some(tag), "UNREGISTER_IO_BUF", res);
                 }
@@ -646,6 +673,7 @@ impl Queue {
             // The request completes only once its buffer is unregistered too (in either
             // order; not linked, so a failed unregister cannot cancel the commit).
             s.req.buf_index = Some(self.at.buf_base + tag);
+            self.unreg_inflight += 1;
             self.push_buf_cmd(ring, tag, Op::UnregBuf);
         }
         match self.batch.as_mut() {

@@ -146,7 +146,7 @@ pub fn process_alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
-fn del_one(c: &mut Control, id: u32) -> Result<(), CliError> {
+pub fn del_one(c: &mut Control, id: u32) -> Result<(), CliError> {
     let info = dev_info(c, id)?;
     // STOP_DEV fails harmlessly on a device that is already stopped or dead. It ends the I/O
     // in flight and makes the daemon's queues exit.
@@ -194,45 +194,6 @@ pub fn features(json: bool) -> Result<(), CliError> {
         for n in names {
             println!("  {n}");
         }
-    }
-    Ok(())
-}
-
-/// `quiesce -n ID`: QUIESCE_DEV, then wait for the serving daemon to exit.
-pub fn quiesce(id: u32, timeout_ms: u64) -> Result<(), CliError> {
-    let mut c = Control::open().map_err(CliError::from)?;
-    let info = dev_info(&mut c, id)?;
-    if info.flags & ublk_fast_engine::uapi::UBLK_F_QUIESCE == 0 {
-        return Err(CliError::runtime(format!(
-            "device {id} cannot be quiesced: create it with --recovery (on a driver offering QUIESCE)"
-        )));
-    }
-    if info.flags & ublk_fast_engine::uapi::UBLK_F_BATCH_IO != 0 {
-        // The driver does not wait for a batch device's in-flight I/O on QUIESCE_DEV (its
-        // idle wait returns at once for BATCH_IO): in our tests some writes in flight then
-        // failed with EIO. A crash hand-over loses nothing with --recovery=reissue.
-        return Err(CliError::runtime(format!(
-            "device {id} uses --batch-io, whose in-flight I/O this driver does not drain on quiesce: \
-             to hand it to a new daemon, kill -9 {} and run `ublk-fast recover -n {id}` \
-             (with --recovery=reissue nothing is lost)",
-            info.ublksrv_pid
-        )));
-    }
-    c.quiesce_dev(id, timeout_ms).map_err(|e| match e.raw_errno() {
-        libc::EBUSY => CliError::runtime(format!(
-            "device {id}: I/O did not drain within {timeout_ms} ms; nothing changed, try again"
-        )),
-        _ => CliError::runtime(e.to_string()),
-    })?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while process_alive(info.ublksrv_pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if process_alive(info.ublksrv_pid) {
-        return Err(CliError::runtime(format!(
-            "device {id}: quiesced, but daemon {} has not exited",
-            info.ublksrv_pid
-        )));
     }
     Ok(())
 }

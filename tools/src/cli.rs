@@ -63,13 +63,44 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node service: one pinned thread and ring per CPU, serving every device (device
+    /// commands start one when none runs)
+    Serve(ServeArgs),
+    /// Delete every device and stop the service
+    Shutdown,
     #[command(flatten)]
     Target(TargetCmd),
 }
 
 #[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// CPUs to serve on, one core thread each, e.g. 0-7 (default: all online)
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9633)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Stay in the foreground (systemd: Type=notify) until SIGTERM
+    #[arg(long)]
+    pub foreground: bool,
+    /// A kernel thread polls the core rings (shared by all) and sleeps after IDLE_MS without
+    /// work [IDLE_MS: 1000]
+    #[arg(long, value_name = "IDLE_MS", num_args = 0..=1, default_missing_value = "1000",
+          require_equals = true,
+          value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub sqpoll: Option<u32>,
+    /// Pin the --sqpoll thread to this CPU
+    #[arg(long, value_name = "CPU", requires = "sqpoll")]
+    pub sqpoll_cpu: Option<u32>,
+    /// Exit once no device is served (how device commands start the service)
+    #[arg(long, hide = true)]
+    pub exit_when_idle: bool,
+}
+
+#[derive(Args, Debug, Default, Clone)]
 pub struct AddOpts {
-    /// CPUs for the queue threads, e.g. 0-7 or 0,2,4-5 (default: all online)
+    /// CPUs whose core threads serve the device's queues, e.g. 0-7 or 0,2,4-5 (default: all
+    /// of the service's; a command that starts the service starts it on these)
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
     /// Hardware queues (default: the number of CPUs in --cpus)
@@ -81,7 +112,7 @@ pub struct AddOpts {
     /// Device id (default: the kernel picks)
     #[arg(short = 'n', long = "id", value_parser = clap::value_parser!(u32).range(0..=1_048_575))]
     pub id: Option<u32>,
-    /// Serve in the foreground until SIGINT/SIGTERM, then delete the device
+    /// Start the service in the foreground with this device; on SIGINT/SIGTERM delete it
     #[arg(long)]
     pub foreground: bool,
     /// Serve requests from their own pages (UBLK_F_AUTO_BUF_REG, Linux 6.16+) [default: auto]
@@ -91,11 +122,12 @@ pub struct AddOpts {
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "requeue",
           require_equals = true)]
     pub recovery: Option<RecoveryArg>,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9633)
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (when this command starts the
+    /// service)
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
-    /// A kernel thread polls the queue rings (shared by all queues) and sleeps after IDLE_MS
-    /// without work [IDLE_MS: 1000]
+    /// A kernel thread polls the core rings and sleeps after IDLE_MS without work (when this
+    /// command starts the service) [IDLE_MS: 1000]
     #[arg(long, value_name = "IDLE_MS", num_args = 0..=1, default_missing_value = "1000",
           require_equals = true,
           value_parser = clap::value_parser!(u32).range(1..=60_000))]

@@ -1,27 +1,26 @@
-//! `ublk-fast`: create, list and delete ublk devices served by this process.
+//! `ublk-fast`: the node service (`serve`) and the commands that create, list, hand over and
+//! delete the ublk devices it serves.
 
 mod admin;
+mod build;
 mod cli;
-mod daemon;
+mod client;
 mod metrics;
 mod mountns;
+mod proto;
 mod record;
+mod service;
 mod size;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use ublk_fast_engine::cpus::{online_cpus, parse_cpu_list};
+use ublk_fast_engine::cpus::online_cpus;
 use ublk_fast_engine::ctrl::CONTROL_PATH;
-use ublk_fast_engine::device::DeviceConfig;
-use ublk_fast_engine::ring::SqPoll;
-use ublk_fast_engine::target::Target;
-use ublk_fast_engine::uapi::UBLK_S_DEV_LIVE;
-use ublk_fast_targets::{FaultSpec, FaultTarget, LoopOptions, LoopTarget, NullTarget};
 
-use cli::{AddOpts, Cli, Command, FaultArgs, InnerTarget, LoopArgs, NullArgs, TargetCmd};
+use cli::{AddOpts, Cli, Command, ServeArgs, TargetCmd};
+use service::ServeOpts;
 
 /// A one-line message and the exit status that goes with it.
 #[derive(Debug)]
@@ -70,123 +69,98 @@ fn preflight() -> Result<(), CliError> {
     Ok(())
 }
 
-fn null_target(a: &NullArgs) -> Result<Arc<dyn Target>, CliError> {
-    let size =
-        size::parse_size(&a.size).map_err(|m| CliError::usage(format!("null --size: {m}")))?;
-    if size == 0 || size % 512 != 0 {
-        return Err(CliError::usage(format!(
-            "null --size {}: must be a non-zero multiple of 512 bytes",
-            a.size
-        )));
-    }
-    Ok(Arc::new(NullTarget::new(size)?))
+/// The service options a device command starts the service with, from its creation options.
+fn serve_opts_for(opts: &AddOpts, online: &[usize]) -> Result<ServeOpts, CliError> {
+    let cpus = build::cpus(opts.cpus.as_deref(), online, "online")?;
+    serve_opts(cpus, opts.metrics.clone(), opts.sqpoll, opts.sqpoll_cpu, online, true)
 }
 
-fn loop_target(a: &LoopArgs) -> Result<Arc<dyn Target>, CliError> {
-    let opts = LoopOptions {
-        buffered: a.buffered,
-        read_only: a.read_only,
-        block_size: a.block_size,
-        discard: !a.no_discard,
-    };
-    let t = LoopTarget::open(&a.path, &opts).map_err(|e| CliError::usage(e.to_string()))?;
-    Ok(Arc::new(t))
-}
-
-fn fault_target(f: &FaultArgs) -> Result<Arc<dyn Target>, CliError> {
-    if f.fail.is_none() && f.delay_ms.is_none() {
-        return Err(CliError::usage(
-            "fault: nothing to inject: give --fail[=ERRNO] and/or --delay-ms MS",
-        ));
-    }
-    let inner = match &f.inner {
-        InnerTarget::Null(a) => null_target(a)?,
-        InnerTarget::Loop(a) => loop_target(a)?,
-    };
-    let spec = FaultSpec {
-        op: f.op.ublk_op(),
-        every: f.every,
-        errno: f.fail.map(|e| e.errno()),
-        delay: Duration::from_millis(f.delay_ms.unwrap_or(0)),
-    };
-    Ok(Arc::new(FaultTarget::new(inner, spec)))
-}
-
-fn build_target(t: &TargetCmd) -> Result<Arc<dyn Target>, CliError> {
-    match t {
-        TargetCmd::Null(a) => null_target(a),
-        TargetCmd::Loop(a) => loop_target(a),
-        TargetCmd::Fault(f) => fault_target(f),
-    }
-}
-
-/// Creates a device (`start` = Create) or takes one over (`Recover`), from the options and
-/// target of the command line `argv` (kept in the device's record for a later `recover`).
-fn add(
-    opts: AddOpts,
-    target: TargetCmd,
-    start: daemon::Start,
-    argv: Vec<String>,
-) -> Result<(), CliError> {
-    preflight()?;
-    let online = online_cpus()?;
-    let cpus = match &opts.cpus {
-        None => online.clone(),
-        Some(s) => {
-            let cpus =
-                parse_cpu_list(s).map_err(|m| CliError::usage(format!("--cpus {s}: {m}")))?;
-            let offline: Vec<String> =
-                cpus.iter().filter(|c| !online.contains(c)).map(|c| c.to_string()).collect();
-            if !offline.is_empty() {
-                let on =
-                    std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-                return Err(CliError::usage(format!(
-                    "--cpus {s}: CPU {} is not online (online CPUs: {})",
-                    offline.join(","),
-                    on.trim()
-                )));
-            }
-            cpus
-        }
-    };
-    if opts.sqpoll_cpu.is_some() && opts.sqpoll.is_none() {
+fn serve_opts(
+    cpus: Vec<usize>,
+    metrics: Option<String>,
+    sqpoll: Option<u32>,
+    sqpoll_cpu: Option<u32>,
+    online: &[usize],
+    exit_when_idle: bool,
+) -> Result<ServeOpts, CliError> {
+    if sqpoll_cpu.is_some() && sqpoll.is_none() {
         return Err(CliError::usage("--sqpoll-cpu needs --sqpoll"));
     }
-    if let Some(c) = opts.sqpoll_cpu {
+    if let Some(c) = sqpoll_cpu {
         if !online.contains(&(c as usize)) {
             return Err(CliError::usage(format!("--sqpoll-cpu {c}: CPU {c} is not online")));
         }
     }
-    let sqpoll =
-        opts.sqpoll.map(|idle_ms| SqPoll { idle_ms, cpu: opts.sqpoll_cpu, attach_to: None });
-    let queues = opts.queues.unwrap_or(cpus.len().min(4096) as u16);
-    let depth = opts.depth.unwrap_or(128);
-    let metrics = opts.metrics.as_deref().map(metrics::bind).transpose()?;
-    let target = build_target(&target)?;
-    let cfg = DeviceConfig {
-        dev_id: opts.id,
-        queues,
-        depth,
-        cpus,
-        max_io_bytes: DeviceConfig::DEFAULT_MAX_IO_BYTES,
-        stats_dir: Some(record::run_dir()),
-        zero_copy: opts.zero_copy.unwrap_or_default().into(),
-        recovery: opts.recovery.map(Into::into).unwrap_or_default(),
-        sqpoll,
-        user_copy: opts.user_copy,
-        batch: opts.batch_io,
-    };
-    let run = daemon::Run { cfg, target, metrics, start, argv };
-    if opts.foreground {
-        daemon::run_foreground(run)
-    } else {
-        daemon::run_background(run)
+    if let Some(m) = &metrics {
+        metrics::parse_addr(m)?;
     }
+    Ok(ServeOpts { cpus, metrics, sqpoll, sqpoll_cpu, exit_when_idle })
+}
+
+/// Prints the device's path once its node exists (udev may lag behind the kernel).
+fn print_dev(id: u32) {
+    let path = format!("/dev/ublkb{id}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::path::Path::new(&path).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("{path}");
+}
+
+fn print_notices(r: &proto::Response) {
+    for n in &r.notices {
+        eprintln!("ublk-fast: notice: {n}");
+    }
+}
+
+/// Creates a device in the service (starting one if none runs), from the options and target
+/// of the command line `argv` (kept in the device's record for a later take-over).
+fn add(opts: AddOpts, target: TargetCmd, argv: Vec<String>) -> Result<(), CliError> {
+    preflight()?;
+    let online = online_cpus()?;
+    let serve = serve_opts_for(&opts, &online)?;
+    let cwd = std::env::current_dir()
+        .map_err(|e| CliError::runtime(format!("current directory: {e}")))?;
+    // Refuse a target that cannot be opened before anything starts.
+    drop(build::target(&target, &cwd)?);
+    let op = proto::Op::Add { argv, cwd: cwd.to_string_lossy().into_owned() };
+    if opts.foreground {
+        if let Some(st) = client::status() {
+            return Err(CliError::usage(format!(
+                "a ublk-fast service already runs (pid {}): --foreground starts one; leave it out to add the device to that service",
+                st.pid
+            )));
+        }
+        return service::run_foreground(serve, Some(op));
+    }
+    let (st, started) = client::ensure(&serve)?;
+    if !started {
+        if opts.metrics.is_some() && opts.metrics != st.metrics {
+            return Err(CliError::usage(format!(
+                "the service (pid {}) serves metrics at {}: --metrics applies when a command starts the service (`ublk-fast shutdown` first)",
+                st.pid,
+                st.metrics.as_deref().unwrap_or("no address")
+            )));
+        }
+        if opts.sqpoll.is_some() && (opts.sqpoll != st.sqpoll || opts.sqpoll_cpu != st.sqpoll_cpu) {
+            return Err(CliError::usage(format!(
+                "the service (pid {}) runs {}: --sqpoll applies when a command starts the service (`ublk-fast shutdown` first)",
+                st.pid,
+                st.sqpoll.map_or("without SQPOLL".into(), |ms| format!("with --sqpoll={ms}"))
+            )));
+        }
+    }
+    let r = client::call(op)
+        .unwrap_or_else(|| Err(CliError::runtime("the service went away before the request")))?;
+    print_notices(&r);
+    let r = client::outcome(r)?;
+    print_dev(r.id.unwrap_or_default());
+    Ok(())
 }
 
 /// The creation options from every place they may stand: before the command, after `add`, after
 /// the target name (and after `fault`'s inner target).
-fn creation_opts(
+pub(crate) fn creation_opts(
     top: AddOpts,
     after_add: Option<AddOpts>,
     t: &TargetCmd,
@@ -194,46 +168,71 @@ fn creation_opts(
     top.merged(after_add.unwrap_or_default())?.merged(t.opts()?)
 }
 
-/// `recover -n ID`: rebuilds the device's target from its record and takes the device over.
+/// `recover -n ID`: the service (started if none runs, which takes every recorded device over
+/// by itself) takes the device over from its record.
 fn recover(id: u32, foreground: bool) -> Result<(), CliError> {
+    // What can be refused from the kernel's view alone is refused before a service starts.
     let info = admin::dev_info(&mut ublk_fast_engine::ctrl::Control::open()?, id)?;
-    // A LIVE device whose daemon is alive is served: refuse before touching its files (the
-    // old daemon holds their locks). A dead daemon the kernel has not noticed yet is fine.
-    if info.state == UBLK_S_DEV_LIVE && admin::process_alive(info.ublksrv_pid) {
+    if info.flags & ublk_fast_engine::uapi::UBLK_F_USER_RECOVERY == 0 {
         return Err(CliError::runtime(format!(
-            "device {id} is LIVE: daemon {} still serves it (to replace it, run `ublk-fast quiesce -n {id}` first)",
+            "device {id} was not created with --recovery: it cannot be taken over"
+        )));
+    }
+    if info.state == ublk_fast_engine::uapi::UBLK_S_DEV_LIVE
+        && admin::process_alive(info.ublksrv_pid)
+    {
+        return Err(CliError::runtime(format!(
+            "device {id} is LIVE: process {} serves it (to hand it over, run `ublk-fast quiesce -n {id}` first)",
             info.ublksrv_pid
         )));
     }
-    let path = record::path(id);
-    let rec = record::Record::load(id).ok_or_else(|| {
-        CliError::runtime(format!(
-            "device {id}: no usable record at {} (missing or corrupt): it cannot be recovered",
-            path.display()
-        ))
-    })?;
-    let argv = std::iter::once("ublk-fast".to_string()).chain(rec.argv.iter().cloned());
-    let cli = Cli::try_parse_from(argv).map_err(|_| {
-        CliError::runtime(format!(
-            "device {id}: the command line in {} does not parse",
-            path.display()
-        ))
-    })?;
-    let bad = |m: String| CliError::runtime(format!("device {id}: {}: {m}", path.display()));
-    let (opts, target) = match cli.cmd {
-        Command::Target(t) => (creation_opts(cli.add, None, &t).map_err(bad)?, t),
-        Command::Add { opts, target } => {
-            (creation_opts(cli.add, Some(opts), &target).map_err(bad)?, target)
+    let online = online_cpus()?;
+    let serve = serve_opts(online.clone(), None, None, None, &online, true)?;
+    let op = proto::Op::Recover { id };
+    if foreground {
+        if let Some(st) = client::status() {
+            return Err(CliError::usage(format!(
+                "a ublk-fast service already runs (pid {}): leave --foreground out",
+                st.pid
+            )));
         }
-        _ => {
-            return Err(CliError::runtime(format!(
-                "device {id}: {} names no target",
-                path.display()
-            )))
-        }
-    };
-    let opts = AddOpts { id: Some(id), foreground, ..opts };
-    add(opts, target, daemon::Start::Recover(id), rec.argv)
+        return service::run_foreground(serve, Some(op));
+    }
+    client::ensure(&serve)?;
+    let r = client::call(op)
+        .unwrap_or_else(|| Err(CliError::runtime("the service went away before the request")))?;
+    let r = client::outcome(r)?;
+    print_dev(r.id.unwrap_or(id));
+    Ok(())
+}
+
+/// `serve`: starts the node service (in the background unless --foreground).
+fn serve(a: ServeArgs) -> Result<(), CliError> {
+    preflight()?;
+    let online = online_cpus()?;
+    let cpus = build::cpus(a.cpus.as_deref(), &online, "online")?;
+    let opts = serve_opts(cpus, a.metrics, a.sqpoll, a.sqpoll_cpu, &online, a.exit_when_idle)?;
+    if a.foreground {
+        return service::run_foreground(opts, None);
+    }
+    if let Some(st) = client::status() {
+        return Err(CliError::runtime(format!(
+            "a ublk-fast service already runs (pid {}): add devices to it, or stop it with `ublk-fast shutdown`",
+            st.pid
+        )));
+    }
+    let cpus = build::list_str(&opts.cpus);
+    let pid = service::run_background(opts)?;
+    eprintln!("ublk-fast: service pid {pid} serves on CPUs {cpus}");
+    Ok(())
+}
+
+/// Sends a request to the service; `none` is what to do when none runs.
+fn via_service(op: proto::Op, none: impl FnOnce() -> Result<(), CliError>) -> Result<(), CliError> {
+    match client::call(op) {
+        Some(r) => client::outcome(r?).map(|_| ()),
+        None => none(),
+    }
 }
 
 fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
@@ -250,32 +249,48 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         Command::List { .. } => Some("list"),
         Command::Del { .. } => Some("del"),
         Command::Features { .. } => Some("features"),
+        Command::Serve(_) => Some("serve"),
+        Command::Shutdown => Some("shutdown"),
     };
     if let Some(cmd) = existing {
         if !cli.add.is_empty() {
             return Err(only_for_add(cmd));
         }
-        preflight()?;
+        if cmd != "serve" {
+            preflight()?;
+        }
     }
     match cli.cmd {
         Command::Target(t) => {
             let opts = creation_opts(cli.add, None, &t).map_err(CliError::usage)?;
-            add(opts, t, daemon::Start::Create, argv)
+            add(opts, t, argv)
         }
         Command::Add { opts, target } => {
             let opts = creation_opts(cli.add, Some(opts), &target).map_err(CliError::usage)?;
-            add(opts, target, daemon::Start::Create, argv)
+            add(opts, target, argv)
         }
-        Command::Quiesce { id, timeout_ms } => admin::quiesce(id, timeout_ms),
+        Command::Quiesce { id, timeout_ms } => {
+            via_service(proto::Op::Quiesce { id, timeout_ms }, || {
+                admin::dev_info(&mut ublk_fast_engine::ctrl::Control::open()?, id)?;
+                Err(CliError::runtime(format!(
+                    "device {id}: no ublk-fast service runs, so none serves it: nothing to quiesce"
+                )))
+            })
+        }
         Command::Recover { id, foreground } => recover(id, foreground),
         Command::List { id, json } => admin::list(id, json),
-        Command::Del { id, all } => admin::del(id, all),
+        Command::Del { id, all } => via_service(proto::Op::Del { id, all }, || admin::del(id, all)),
         Command::Features { json } => admin::features(json),
+        Command::Serve(a) => serve(a),
+        Command::Shutdown => via_service(proto::Op::Shutdown {}, || {
+            eprintln!("ublk-fast: no service runs");
+            Ok(())
+        }),
     }
 }
 
 /// clap's errors span several lines; users get one, with where to look next.
-fn one_line(e: &clap::Error) -> String {
+pub(crate) fn one_line(e: &clap::Error) -> String {
     // The message is the first paragraph (some kinds continue it on indented lines).
     let rendered = e.render().to_string();
     let para: Vec<&str> =
@@ -294,7 +309,7 @@ fn one_line(e: &clap::Error) -> String {
             w[0], w[1], w[0], w[1], w[0]
         ),
         (ErrorKind::InvalidSubcommand, None) => format!(
-            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `features`"
+            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `quiesce`, `recover`, `features`, `serve`, `shutdown`"
         ),
         _ => format!("{first} (see `ublk-fast --help`)"),
     }

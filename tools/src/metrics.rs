@@ -1,6 +1,8 @@
-//! `--metrics ADDR:PORT`: Prometheus text exposition of the daemon's counters, served by its own
-//! thread. The queues never see it: it reads their counter blocks (`StatsRegion::snapshot`),
-//! sums nothing on their behalf and allocates only while rendering a scrape.
+//! `--metrics ADDR:PORT`: Prometheus text exposition of every device's counters, one endpoint
+//! per node, served by its own thread. The cores never see it: it reads their counter blocks
+//! (`StatsRegion::snapshot`), sums nothing on their behalf and allocates only while rendering
+//! a scrape, so its cost does not grow with the I/O rate. Devices appear and disappear with
+//! add and del; every series carries `dev="ID"` (and `device="ublkbN"`), per queue `queue="Q"`.
 //!
 //! Names mirror node_exporter's diskstats under `ublk_fast_`. The same values are handed to the
 //! `metrics` facade at each scrape (absolute counters, gauges), so a program embedding the
@@ -9,7 +11,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ublk_fast_engine::stats::{QueueSnapshot, StatsRegion, LAT_BOUNDS_NS, OP_NAMES};
@@ -18,21 +20,50 @@ use crate::CliError;
 
 /// What the exporter says about one device.
 pub struct DeviceMeta {
-    /// `ublkb0`
-    pub device: String,
+    pub id: u32,
     pub target: String,
     pub backing: String,
     pub queues: u16,
     pub depth: u16,
     pub zero_copy: &'static str,
+    /// The CPU serving each queue.
+    pub cpus: Vec<usize>,
     pub stats: Arc<StatsRegion>,
+}
+
+impl DeviceMeta {
+    /// The labels naming the device on every series.
+    fn labels(&self) -> String {
+        format!("dev=\"{}\",device=\"ublkb{}\"", self.id, self.id)
+    }
+}
+
+/// The devices the exporter shows: replaced by the service on every add and del.
+#[derive(Default)]
+pub struct Exporter {
+    devs: Mutex<Vec<DeviceMeta>>,
+}
+
+impl Exporter {
+    pub fn set(&self, devs: Vec<DeviceMeta>) {
+        *self.devs.lock().unwrap_or_else(|e| e.into_inner()) = devs;
+    }
+
+    fn render(&self) -> String {
+        render(&self.devs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Parses `ADDR:PORT`.
+pub fn parse_addr(addr: &str) -> Result<SocketAddr, CliError> {
+    addr.parse().map_err(|_| {
+        CliError::usage(format!("--metrics {addr}: not an ADDR:PORT (e.g. 127.0.0.1:9633)"))
+    })
 }
 
 /// Parses and binds `ADDR:PORT` now, so a bad or busy address fails before any device exists.
 pub fn bind(addr: &str) -> Result<TcpListener, CliError> {
-    let sa: SocketAddr = addr.parse().map_err(|_| {
-        CliError::usage(format!("--metrics {addr}: not an ADDR:PORT (e.g. 127.0.0.1:9633)"))
-    })?;
+    let sa = parse_addr(addr)?;
     TcpListener::bind(sa).map_err(|e| {
         CliError::runtime(format!("--metrics {addr}: cannot listen: {e} (pick a free port)"))
     })
@@ -113,9 +144,8 @@ pub fn render(devs: &[DeviceMeta]) -> String {
         for (d, snap) in devs.iter().zip(&snaps) {
             for (q, s) in snap.iter().enumerate() {
                 let v = s.counter(key) as f64 * scale;
-                let _ =
-                    writeln!(out, "ublk_fast_{name}{{device=\"{}\",queue=\"{q}\"}} {v}", d.device);
-                let labels = [("device", d.device.clone()), ("queue", q.to_string())];
+                let _ = writeln!(out, "ublk_fast_{name}{{{},queue=\"{q}\"}} {v}", d.labels());
+                let labels = [("dev", d.id.to_string()), ("queue", q.to_string())];
                 if kind == "gauge" {
                     metrics::gauge!(format!("ublk_fast_{name}"), &labels).set(v);
                 } else {
@@ -131,11 +161,7 @@ pub fn render(devs: &[DeviceMeta]) -> String {
         for (q, s) in snap.iter().enumerate() {
             for (o, op) in OP_NAMES.iter().enumerate() {
                 let v = s.ops[o].errors;
-                let _ = writeln!(
-                    out,
-                    "{name}{{device=\"{}\",queue=\"{q}\",op=\"{op}\"}} {v}",
-                    d.device
-                );
+                let _ = writeln!(out, "{name}{{{},queue=\"{q}\",op=\"{op}\"}} {v}", d.labels());
             }
         }
     }
@@ -146,7 +172,7 @@ pub fn render(devs: &[DeviceMeta]) -> String {
         for (q, s) in snap.iter().enumerate() {
             for (o, op) in OP_NAMES.iter().enumerate() {
                 let h = &s.ops[o];
-                let l = format!("device=\"{}\",queue=\"{q}\",op=\"{op}\"", d.device);
+                let l = format!("{},queue=\"{q}\",op=\"{op}\"", d.labels());
                 let mut cum = 0;
                 for (b, bound) in LAT_BOUNDS_NS.iter().enumerate() {
                     cum += h.buckets[b];
@@ -165,19 +191,20 @@ pub fn render(devs: &[DeviceMeta]) -> String {
     for d in devs {
         let _ = writeln!(
             out,
-            "{name}{{device=\"{}\",target=\"{}\",backing=\"{}\",queues=\"{}\",depth=\"{}\",zero_copy=\"{}\"}} 1",
-            d.device,
+            "{name}{{{},target=\"{}\",backing=\"{}\",queues=\"{}\",depth=\"{}\",zero_copy=\"{}\",cpus=\"{}\"}} 1",
+            d.labels(),
             esc(&d.target),
             esc(&d.backing),
             d.queues,
             d.depth,
-            d.zero_copy
+            d.zero_copy,
+            crate::build::list_str(&d.cpus)
         );
     }
     out
 }
 
-fn handle(mut s: TcpStream, devs: &[DeviceMeta]) {
+fn handle(mut s: TcpStream, exporter: &Exporter) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     let mut req = [0u8; 4096];
@@ -195,7 +222,7 @@ fn handle(mut s: TcpStream, devs: &[DeviceMeta]) {
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let get = line.starts_with("GET ");
     let (status, body, ctype) = if get && (path == "/metrics" || path.starts_with("/metrics?")) {
-        ("200 OK", render(devs), "text/plain; version=0.0.4; charset=utf-8")
+        ("200 OK", exporter.render(), "text/plain; version=0.0.4; charset=utf-8")
     } else {
         ("404 Not Found", "try /metrics\n".to_string(), "text/plain")
     };
@@ -207,10 +234,10 @@ fn handle(mut s: TcpStream, devs: &[DeviceMeta]) {
 }
 
 /// Serves `/metrics` on its own thread until the process exits.
-pub fn spawn(listener: TcpListener, devs: Vec<DeviceMeta>) {
+pub fn spawn(listener: TcpListener, exporter: Arc<Exporter>) {
     let _ = std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for conn in listener.incoming().flatten() {
-            handle(conn, &devs);
+            handle(conn, &exporter);
         }
     });
 }
@@ -227,27 +254,30 @@ mod tests {
         stats.queue(0).lat[1].record(3_000, false);
         stats.queue(0).lat[1].record(7_000, true);
         let d = DeviceMeta {
-            device: "ublkb3".into(),
+            id: 3,
             target: "loop".into(),
             backing: "/x \"y\"".into(),
             queues: 2,
             depth: 64,
             zero_copy: "off",
+            cpus: vec![0, 1],
             stats,
         };
         let t = render(&[d]);
-        assert!(t.contains("ublk_fast_written_bytes_total{device=\"ublkb3\",queue=\"1\"} 8192\n"));
-        let w = "ublk_fast_io_latency_seconds_bucket{device=\"ublkb3\",queue=\"0\",op=\"write\"";
+        assert!(t.contains(
+            "ublk_fast_written_bytes_total{dev=\"3\",device=\"ublkb3\",queue=\"1\"} 8192\n"
+        ));
+        let w = "ublk_fast_io_latency_seconds_bucket{dev=\"3\",device=\"ublkb3\",queue=\"0\",op=\"write\"";
         assert!(t.contains(&format!("{w},le=\"0.0000025\"}} 0\n")), "{t}");
         assert!(t.contains(&format!("{w},le=\"0.000005\"}} 1\n")));
         assert!(t.contains(&format!("{w},le=\"0.00001\"}} 2\n")));
         assert!(t.contains(&format!("{w},le=\"+Inf\"}} 2\n")));
         assert!(t.contains(
-            "ublk_fast_io_latency_seconds_count{device=\"ublkb3\",queue=\"0\",op=\"write\"} 2\n"
+            "ublk_fast_io_latency_seconds_count{dev=\"3\",device=\"ublkb3\",queue=\"0\",op=\"write\"} 2\n"
         ));
-        assert!(
-            t.contains("ublk_fast_io_errors_total{device=\"ublkb3\",queue=\"0\",op=\"write\"} 1\n")
-        );
+        assert!(t.contains(
+            "ublk_fast_io_errors_total{dev=\"3\",device=\"ublkb3\",queue=\"0\",op=\"write\"} 1\n"
+        ));
         assert!(t.contains("backing=\"/x \\\"y\\\"\""));
         // Every family has HELP and TYPE, and every sample line belongs to a declared family.
         let families: Vec<&str> =

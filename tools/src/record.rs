@@ -1,7 +1,9 @@
-//! `/run/ublk-fast/<id>.json`: what the daemon serving a device was started with. `list` reads
-//! it for the target and its arguments; it is written atomically and removed with the device.
+//! `/run/ublk-fast/<id>.json`: how the service created a device. `list` reads it for the
+//! target and its arguments, a new service takes the device over from it; it is written
+//! atomically (0600, never through a symlink) and removed with the device.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +14,9 @@ pub struct Record {
     pub pid: i32,
     pub target: String,
     pub args: Vec<String>,
+    /// The backing store's path, if the target has one.
+    #[serde(default)]
+    pub backing: String,
     pub queues: u16,
     pub depth: u16,
     /// The CPU each queue's thread is pinned to.
@@ -24,6 +29,9 @@ pub struct Record {
     /// can rebuild the same target.
     #[serde(default)]
     pub argv: Vec<String>,
+    /// The directory relative paths in `argv` are relative to.
+    #[serde(default)]
+    pub cwd: String,
     /// How the daemon set its queues up (ring flags, buffers).
     #[serde(default)]
     pub setup: String,
@@ -39,6 +47,18 @@ pub fn path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.json"))
 }
 
+/// Ids of the devices with a record.
+pub fn recorded_ids() -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(run_dir())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}
+
 /// The counters the daemon publishes (see `ublk_fast_engine::stats`).
 pub fn stats_path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.stats"))
@@ -50,7 +70,13 @@ impl Record {
         let dir = run_dir();
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(format!(".{}.json.tmp", self.id));
-        let mut f = std::fs::File::create(&tmp)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
         f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path(self.id))
@@ -92,11 +118,14 @@ mod tests {
             depth: 64,
             queue_cpus: vec![0, 1],
             queue_affinity: vec![vec![0], vec![1]],
+            backing: String::new(),
+            cwd: "/".into(),
             argv: vec!["null".into()],
             setup: "ring DEFER_TASKRUN".into(),
         };
         r.save().unwrap();
         assert_eq!(Record::load(7), Some(r));
+        assert_eq!(recorded_ids(), vec![7]);
         Record::remove(7);
         assert_eq!(Record::load(7), None);
         let _ = std::fs::remove_dir_all(dir);

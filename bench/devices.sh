@@ -1,0 +1,134 @@
+#!/bin/bash
+# Guest side of `bench/run.sh devices`: many devices at once. For 1, 4 and 16 devices (null,
+# and loop on brd ramdisks, 2 queues each), one fio job drives all of them round-robin (4k
+# random reads, and writes, at depth 64 in all, so fio's own cost stays the same whatever the
+# count); servers: ublk-fast (one process for all devices) and rublk (one daemon per device)
+# where its binary exists. Alternating order, RUNS runs, medians.
+#   devices.sh OUT.md [RUNTIME_S] [RUNS]
+# Environment: UBLK_FAST_BIN, RUBLK_BIN (as bench/peers.sh), COUNTS (default "1 4 16").
+# Reported: aggregate IOPS (median, min-max), p99 completion latency, whole-guest CPU per I/O
+# (busy ticks of /proc/stat over completed I/Os), and the server's threads (io_uring's own
+# iou-wrk/iou-sqp workers aside).
+set -euo pipefail
+OUT=$1; RT=${2:-5}; RUNS=${3:-3}
+B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
+R=${RUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/rublk}
+COUNTS=${COUNTS:-"1 4 16"}
+MAXN=16; for n in $COUNTS; do [ "$n" -gt $MAXN ] && MAXN=$n; done
+W=$(mktemp -d /tmp/bench-devices.XXXX)
+TCK=$(getconf CLK_TCK)
+SERVERS="ublk-fast"
+if [ -x "$R" ]; then SERVERS="$SERVERS rublk"; else
+  echo "devices: rublk skipped: no binary at $R (cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk)" >&2
+fi
+modprobe ublk_drv
+modprobe brd rd_nr=$MAXN rd_size=65536
+cleanup() { set +e; "$B" del --all >/dev/null 2>&1; [ -x "$R" ] && "$R" del -a >/dev/null 2>&1; rmmod brd; rm -rf "$W"; }
+trap cleanup EXIT
+
+DEVS=""
+setup() { # server kind n
+  local s=$1 k=$2 n=$3 i
+  DEVS=""
+  for i in $(seq 0 $((n - 1))); do
+    case $s:$k in
+      ublk-fast:null) d=$("$B" null --size 1G -q 2 -d 128) ;;
+      ublk-fast:loop) d=$("$B" loop /dev/ram$i -q 2 -d 128) ;;
+      rublk:null) "$R" add null -n $((100 + i)) -q 2 -d 128 --zero-copy --quiet >/dev/null; d=/dev/ublkb$((100 + i)) ;;
+      rublk:loop) "$R" add loop -n $((100 + i)) -q 2 -d 128 --zero-copy --quiet -f /dev/ram$i >/dev/null; d=/dev/ublkb$((100 + i)) ;;
+    esac
+    for _ in $(seq 50); do [ -b "$d" ] && break; sleep 0.1; done
+    DEVS="$DEVS $d"
+  done
+}
+teardown() {
+  case $1 in
+    ublk-fast) "$B" del --all >/dev/null ;;
+    rublk) "$R" del -a >/dev/null 2>&1 || true ;;
+  esac
+}
+threads() { # the server processes' threads, io_uring workers aside
+  local pids
+  pids=$(for d in $DEVS; do "$B" list -n "${d#/dev/ublkb}" --json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -1; done | sort -u)
+  for p in $pids; do cat /proc/$p/task/*/comm; done | grep -vc '^iou-' || true
+}
+busy() { local _ u n s i io irq sirq st rest; read -r _ u n s i io irq sirq st rest < /proc/stat; echo $((u + n + s + irq + sirq + st)); }
+
+for run in $(seq 1 "$RUNS"); do
+  order=$SERVERS
+  [ $((run % 2)) = 0 ] && order=$(echo $SERVERS | tr ' ' '\n' | tac | tr '\n' ' ')
+  for n in $COUNTS; do
+    for k in null loop; do
+      for s in $order; do
+        setup "$s" "$k" "$n"
+        th=$(threads)
+        files=$(echo $DEVS | tr ' ' ':')
+        for rw in randread randwrite; do
+          f="$W/$s.$k.$n.$rw.$run"
+          b0=$(busy)
+          fio --name=devs --filename="$files" --file_service_type=roundrobin --ioengine=io_uring \
+              --direct=1 --rw=$rw --bs=4k --iodepth=64 --runtime="$RT" --time_based --ramp_time=1 \
+              --size=64M --eta=never --output-format=json --output="$f.json" >/dev/null ||
+            { echo "devices: fio failed: $s $k $n $rw" >&2; rm -f "$f.json"; continue; }
+          b1=$(busy)
+          echo "$b0 $b1 $TCK $th" > "$f.cpu"
+        done
+        teardown "$s"
+        echo "devices: run $run $s $k x$n done ($th threads)" >&2
+      done
+    done
+  done
+done
+
+python3 - "$W" "$OUT" "$RUNS" "$RT" "$SERVERS" "$COUNTS" "$(uname -r)" "$(nproc)" <<'PY'
+import json, sys, statistics, os
+w, out, runs, rt, servers, counts, kernel, ncpu = sys.argv[1:9]
+runs, servers, counts = int(runs), servers.split(), [int(c) for c in counts.split()]
+def load(s, k, n, rw, run):
+    base = f"{w}/{s}.{k}.{n}.{rw}.{run}"
+    if not os.path.exists(base + ".json"):
+        return None
+    j = json.load(open(base + ".json"))["jobs"][0]
+    d = j["read"] if rw == "randread" else j["write"]
+    b0, b1, tck, th = map(int, open(base + ".cpu").read().split())
+    ios = max(d["total_ios"], 1)
+    p99 = d["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1e3
+    # busy ticks cover the ramp too: scale by the measured share of the run
+    secs = (b1 - b0) / tck
+    return d["iops"], p99, secs * 1e6 / (d["iops"] * (float(rt) + 1) or 1), th
+lines = [f"# Many devices at once: ublk-fast (one process) vs rublk (one daemon per device)", "",
+         f"Guest kernel {kernel}, {ncpu} vCPUs (qemu TCG: emulated, compare ratios inside this file only).",
+         f"One fio job, 4k, iodepth 64 in all, round-robin over every device; {rt} s (+1 s ramp) x {runs} runs, alternating order; medians (min-max).",
+         "CPU/IO: whole-guest busy CPU time per completed I/O. Threads: the serving processes' threads, io_uring workers aside.", ""]
+lines.append("| kind | devices | job | server | IOPS median (min-max) | p99 µs | CPU/IO µs | threads |")
+lines.append("|---|---:|---|---|---:|---:|---:|---:|")
+one = {}
+for k in ("null", "loop"):
+    for n in counts:
+        for rw in ("randread", "randwrite"):
+            for s in servers:
+                rs = [r for r in (load(s, k, n, rw, i) for i in range(1, runs + 1)) if r]
+                if not rs:
+                    continue
+                iops = [r[0] for r in rs]
+                m = statistics.median(iops)
+                one.setdefault((s, k, rw, n), m)
+                lines.append(f"| {k}{' (brd)' if k == 'loop' else ''} | {n} | {rw} | {s} | {m:,.0f} ({min(iops):,.0f}-{max(iops):,.0f}) | "
+                             f"{statistics.median(r[1] for r in rs):,.0f} | {statistics.median(r[2] for r in rs):.1f} | {rs[0][3]} |")
+lines += ["", "Ratios (medians):", ""]
+for k in ("null", "loop"):
+    for rw in ("randread", "randwrite"):
+        for n in counts:
+            a = one.get(("ublk-fast", k, rw, n))
+            base = one.get(("ublk-fast", k, rw, counts[0]))
+            r = one.get(("rublk", k, rw, n))
+            parts = []
+            if a and base:
+                parts.append(f"ublk-fast x{n} / x{counts[0]}: {a / base:.2f}")
+            if a and r:
+                parts.append(f"ublk-fast / rublk: {a / r:.2f}")
+            if parts:
+                lines.append(f"- {k} {rw} x{n}: " + "; ".join(parts))
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY

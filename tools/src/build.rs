@@ -1,0 +1,137 @@
+//! From a parsed command line to what the engine needs: the target, and the device's
+//! configuration on the service's CPUs. Used by the CLI (to refuse bad input before anything
+//! starts) and by the service (which builds the real thing).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ublk_fast_engine::cpus::parse_cpu_list;
+use ublk_fast_engine::device::DeviceConfig;
+use ublk_fast_engine::target::Target;
+use ublk_fast_targets::{FaultSpec, FaultTarget, LoopOptions, LoopTarget, NullTarget};
+
+use crate::cli::{AddOpts, FaultArgs, InnerTarget, LoopArgs, NullArgs, TargetCmd};
+use crate::{record, size, CliError};
+
+fn null_target(a: &NullArgs) -> Result<Arc<dyn Target>, CliError> {
+    let size =
+        size::parse_size(&a.size).map_err(|m| CliError::usage(format!("null --size: {m}")))?;
+    if size == 0 || size % 512 != 0 {
+        return Err(CliError::usage(format!(
+            "null --size {}: must be a non-zero multiple of 512 bytes",
+            a.size
+        )));
+    }
+    Ok(Arc::new(NullTarget::new(size)?))
+}
+
+fn loop_target(a: &LoopArgs, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
+    let opts = LoopOptions {
+        buffered: a.buffered,
+        read_only: a.read_only,
+        block_size: a.block_size,
+        discard: !a.no_discard,
+    };
+    let t =
+        LoopTarget::open(&cwd.join(&a.path), &opts).map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(Arc::new(t))
+}
+
+fn fault_target(f: &FaultArgs, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
+    if f.fail.is_none() && f.delay_ms.is_none() {
+        return Err(CliError::usage(
+            "fault: nothing to inject: give --fail[=ERRNO] and/or --delay-ms MS",
+        ));
+    }
+    let inner = match &f.inner {
+        InnerTarget::Null(a) => null_target(a)?,
+        InnerTarget::Loop(a) => loop_target(a, cwd)?,
+    };
+    let spec = FaultSpec {
+        op: f.op.ublk_op(),
+        every: f.every,
+        errno: f.fail.map(|e| e.errno()),
+        delay: Duration::from_millis(f.delay_ms.unwrap_or(0)),
+    };
+    Ok(Arc::new(FaultTarget::new(inner, spec)))
+}
+
+/// Builds (opens) the target; relative paths are taken from `cwd`.
+pub fn target(t: &TargetCmd, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
+    match t {
+        TargetCmd::Null(a) => null_target(a),
+        TargetCmd::Loop(a) => loop_target(a, cwd),
+        TargetCmd::Fault(f) => fault_target(f, cwd),
+    }
+}
+
+/// The CPUs of `--cpus` (all of `allowed` without it), each of which must be in `allowed`
+/// (the online CPUs for a new service, the service's CPUs for a device).
+pub fn cpus(spec: Option<&str>, allowed: &[usize], what: &str) -> Result<Vec<usize>, CliError> {
+    let Some(s) = spec else { return Ok(allowed.to_vec()) };
+    let cpus = parse_cpu_list(s).map_err(|m| CliError::usage(format!("--cpus {s}: {m}")))?;
+    let outside: Vec<String> =
+        cpus.iter().filter(|c| !allowed.contains(c)).map(|c| c.to_string()).collect();
+    if !outside.is_empty() {
+        return Err(CliError::usage(format!(
+            "--cpus {s}: CPU {} is not {what} ({what}: {})",
+            outside.join(","),
+            list_str(allowed)
+        )));
+    }
+    Ok(cpus)
+}
+
+/// `0-3,8`
+pub fn list_str(cpus: &[usize]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// The device's configuration from its options, on `service_cpus`.
+pub fn device_config(opts: &AddOpts, service_cpus: &[usize]) -> Result<DeviceConfig, CliError> {
+    let cpus = cpus(opts.cpus.as_deref(), service_cpus, "one of the service's CPUs")?;
+    Ok(DeviceConfig {
+        dev_id: opts.id,
+        queues: opts.queues.unwrap_or(cpus.len().min(4096) as u16),
+        depth: opts.depth.unwrap_or(128),
+        cpus,
+        max_io_bytes: DeviceConfig::DEFAULT_MAX_IO_BYTES,
+        stats_dir: Some(record::run_dir()),
+        zero_copy: opts.zero_copy.unwrap_or_default().into(),
+        recovery: opts.recovery.map(Into::into).unwrap_or_default(),
+        user_copy: opts.user_copy,
+        batch: opts.batch_io,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_print_as_ranges() {
+        assert_eq!(list_str(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert_eq!(list_str(&[5]), "5");
+        assert_eq!(list_str(&[]), "");
+    }
+
+    #[test]
+    fn cpus_must_be_allowed() {
+        assert_eq!(cpus(None, &[0, 1], "x").unwrap(), vec![0, 1]);
+        assert_eq!(cpus(Some("1"), &[0, 1], "x").unwrap(), vec![1]);
+        let e = cpus(Some("0-2"), &[0, 1], "one of the service's CPUs").unwrap_err();
+        assert_eq!(e.code, 2);
+        assert!(e.msg.contains("CPU 2 is not one of the service's CPUs"), "{}", e.msg);
+    }
+}

@@ -1,0 +1,199 @@
+//! The node service's control protocol (`docs/control-protocol.md`): one JSON request line,
+//! one JSON response line, over the Unix socket `/run/ublk-fast/control.sock`. Versioned;
+//! requests over `MAX_REQUEST_BYTES`, or that do not parse, get an error reply and change
+//! nothing.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks; a request with another is refused.
+pub const VERSION: u32 = 1;
+/// A request line longer than this is refused unread.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A response line longer than this is refused by the client (a `list` of thousands of
+/// devices fits).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// How long either side waits for the other's line; device creation and removal can take a
+/// while (the driver drains I/O), so the client waits longer for the answer.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// Create a device from a command line (as `ublk-fast` takes it, without the program
+    /// name); relative paths in it are relative to `cwd`.
+    Add { argv: Vec<String>, cwd: String },
+    /// Stop and delete a device, or every ublk device (`all`).
+    Del {
+        #[serde(default)]
+        id: Option<u32>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Hand a `--recovery` device over: the driver parks its I/O and the service lets it go.
+    Quiesce { id: u32, timeout_ms: u64 },
+    /// Take a device over (its server died, or it was quiesced) from its record.
+    Recover { id: u32 },
+    /// What the service is: pid, CPUs, options, devices.
+    Status {},
+    /// Delete every device and stop the service.
+    Shutdown {},
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub version: u32,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// The service's description of itself (`status`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Status {
+    pub pid: i32,
+    pub cpus: Vec<usize>,
+    pub metrics: Option<String>,
+    pub sqpoll: Option<u32>,
+    pub sqpoll_cpu: Option<u32>,
+    /// Devices served now.
+    pub devices: Vec<u32>,
+    /// Threads of the process (core threads plus the control threads).
+    pub threads: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Response {
+    pub version: u32,
+    pub ok: bool,
+    /// One line saying what went wrong and what to do (when `!ok`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The exit status the CLI should end with (when `!ok`): 2 bad request, 1 refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// add / recover: the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    /// Lines to show the user (where the kernel granted less than asked, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
+    /// status
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// The service exits after this answer (it serves no device any more and was started
+    /// for them): the CLI waits for `pid` to be gone.
+    #[serde(default)]
+    pub exiting: bool,
+    #[serde(default)]
+    pub pid: i32,
+}
+
+impl Response {
+    pub fn ok() -> Response {
+        Response { version: VERSION, ok: true, ..Default::default() }
+    }
+
+    pub fn err(msg: impl Into<String>, exit_code: i32) -> Response {
+        Response {
+            version: VERSION,
+            ok: false,
+            error: Some(msg.into()),
+            exit_code: Some(exit_code),
+            ..Default::default()
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line of at most `max` bytes (without the newline).
+pub fn read_line(s: &mut UnixStream, max: usize) -> Result<String, String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("the peer closed the connection before a full line".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            if i > max {
+                return Err(format!("line longer than {max} bytes"));
+            }
+            buf.truncate(i);
+            return String::from_utf8(buf).map_err(|_| "line is not UTF-8".into());
+        }
+        if buf.len() > max {
+            return Err(format!("line longer than {max} bytes"));
+        }
+    }
+}
+
+pub fn write_line(s: &mut UnixStream, v: &impl Serialize) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+/// Parses a request line: the version must match, the fields must be known.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
+    let serde_json::Value::Object(mut fields) = v else {
+        return Err("the request is not a JSON object".into());
+    };
+    match fields.remove("version").and_then(|x| x.as_u64()) {
+        Some(n) if n == u64::from(VERSION) => {}
+        Some(n) => {
+            return Err(format!("protocol version {n} is not spoken here (this is {VERSION})"))
+        }
+        None => return Err("the request has no numeric \"version\"".into()),
+    }
+    // What is left is the operation, whose fields are checked strictly.
+    let op = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| format!("bad request: {e}"))?;
+    Ok(Request { version: VERSION, op })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_bad_ones_are_refused() {
+        let r = Request { version: VERSION, op: Op::Del { id: Some(3), all: false } };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"del","id":3,"all":false}"#);
+        assert_eq!(parse_request(&line), Ok(r));
+        assert_eq!(parse_request(r#"{"version":1,"op":"status"}"#).unwrap().op, Op::Status {});
+        for bad in [
+            "",
+            "nonsense",
+            "{}",
+            r#"{"version":2,"op":"status"}"#,
+            r#"{"version":1,"op":"explode"}"#,
+            r#"{"version":1,"op":"del","id":"x"}"#,
+            r#"{"version":1,"op":"quiesce","id":1}"#,
+            r#"{"version":1,"op":"status","extra":1}"#,
+            "[1,2,3]",
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn lines_are_bounded() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&[b'x'; 100]).unwrap();
+        a.write_all(b"\n").unwrap();
+        assert_eq!(read_line(&mut b, 50), Err("line longer than 50 bytes".into()));
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(b"{\"a\":1}\nrest").unwrap();
+        assert_eq!(read_line(&mut b, 50).as_deref(), Ok("{\"a\":1}"));
+        drop(a);
+        assert!(read_line(&mut b, 50).is_err(), "no newline before EOF");
+    }
+}

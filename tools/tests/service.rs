@@ -1,0 +1,362 @@
+//! The node service: one process and one thread per CPU serve every device; its control
+//! socket; adding and deleting devices never pauses the others; crash, SIGTERM and restart
+//! hand every device over; systemd's own verifier accepts the unit.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SOCK: &str = "/run/ublk-fast/control.sock";
+
+fn cpus() -> usize {
+    sh("nproc").trim().parse().unwrap()
+}
+
+/// The service's own threads (io_uring's workers, `iou-wrk`/`iou-sqp`, come and go with the
+/// kernel's needs and are not counted).
+fn threads(pid: i64) -> Vec<String> {
+    sh(&format!("cat /proc/{pid}/task/*/comm"))
+        .lines()
+        .filter(|t| !t.starts_with("iou-"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One raw request line over the control socket; the answer line.
+fn raw_request(line: &[u8]) -> String {
+    let mut s = UnixStream::connect(SOCK).expect("connect to the control socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(line).unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn shutdown_service() {
+    let o = ublk(&["shutdown"]);
+    assert!(o.status.success(), "shutdown: {}", stderr(&o));
+    let t = Instant::now();
+    while !daemons().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the service outlived shutdown");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `serve` runs one process with one core thread per CPU; a second `serve` names the pid that
+/// serves; the socket is 0600 in a 0700 directory; malformed and oversized requests get an
+/// error answer and change nothing; `shutdown` deletes every device and stops it.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn serve_runs_one_process_and_its_socket_refuses_bad_requests() {
+    require_driver();
+    let n = cpus();
+    let o = ublk(&["serve"]);
+    assert!(o.status.success(), "serve: {}", stderr(&o));
+    let procs = daemons();
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    let pid = i64::from(procs[0]);
+    let second = ublk(&["serve"]);
+    assert!(!second.status.success());
+    let err = stderr(&second);
+    assert!(err.contains(&format!("already runs (pid {pid})")), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("/run/ublk-fast"), 0o700);
+    assert_eq!(mode(SOCK), 0o600);
+    let all = threads(pid);
+    let cores = all.iter().filter(|t| t.starts_with("ublk-core")).count();
+    assert_eq!(cores, n, "one core thread per CPU: {all:?}");
+    assert!(all.len() - cores <= 4, "more than 4 control threads: {all:?}");
+    let dev = Dev::add(&["null", "--size", "64M"]);
+    for bad in [
+        b"nonsense\n".to_vec(),
+        b"{\"version\":99,\"op\":\"status\"}\n".to_vec(),
+        b"{\"version\":1,\"op\":\"del\",\"id\":\"x\"}\n".to_vec(),
+        b"{\"version\":1,\"op\":\"explode\"}\n".to_vec(),
+        b"{\"version\":1,\"op\":\"del\",\"id\":0,\"all\":true}\n".to_vec(),
+        [vec![b'x'; 100_000], b"\n".to_vec()].concat(),
+    ] {
+        let answer = raw_request(&bad);
+        let v: serde_json::Value = serde_json::from_str(answer.trim()).unwrap_or_default();
+        assert_eq!(v["ok"], false, "{answer}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+        println!("refused: {}", v["error"]);
+    }
+    // Nothing changed: the device still serves, the service still answers.
+    assert_eq!(dev.info()["state"], "LIVE");
+    let st = raw_request(b"{\"version\":1,\"op\":\"status\"}\n");
+    let v: serde_json::Value = serde_json::from_str(st.trim()).unwrap();
+    assert_eq!(v["status"]["devices"], serde_json::json!([dev.id]), "{st}");
+    assert_eq!(v["status"]["pid"], pid);
+    // The service stays after its last device goes (it was started by `serve`).
+    let path = dev.path.clone();
+    dev.del();
+    assert_eq!(daemons(), procs);
+    let dev = Dev::add(&["null", "--size", "64M"]);
+    assert_eq!(dev.info()["pid"], pid);
+    shutdown_service();
+    assert!(wait_gone(&path));
+    assert!(!std::path::Path::new(&dev.path).exists(), "shutdown left {}", dev.path);
+    assert!(dev_ids().is_empty());
+    std::mem::forget(dev);
+    if n >= 2 {
+        // A device's --cpus must be among the service's.
+        let o = ublk(&["serve", "--cpus", "0"]);
+        assert!(o.status.success(), "serve --cpus 0: {}", stderr(&o));
+        check_refused(
+            &format!("{} null --cpus 1", bin()),
+            "CPU 1 is not one of the service's CPUs",
+        );
+        shutdown_service();
+    }
+}
+
+/// One process serves 1 and 16 devices with the same threads; a device's `--cpus` outside
+/// the service's is refused with one line; fio verify on one device while 20 others are added,
+/// loaded and deleted sees no error and no completion gap over 1 s.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn adding_and_deleting_devices_never_pauses_the_others() {
+    require_driver();
+    let n = cpus();
+    let f = "/tmp/ublk-fast-it-steady.img";
+    sh(&format!("rm -f {f} && truncate -s 256M {f}"));
+    let steady = Dev::add(&["loop", f, "-q", "2"]);
+    let pid = steady.info()["pid"].as_i64().unwrap();
+    let base = threads(pid).len();
+    if n >= 2 {
+        // The service runs on every CPU; a device may take a subset, not more.
+        check_refused(&format!("{} null --cpus {}", bin(), n + 7), "is not online");
+    }
+    let lat = "/tmp/ublk-fast-it-steady";
+    let _ = std::fs::remove_file(format!("{lat}_lat.1.log"));
+    let fio = spawn_fio(&[
+        "--name=steady",
+        &format!("--filename={}", steady.path),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=64M",
+        "--rate_iops=800",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        &format!("--write_lat_log={lat}"),
+        "--log_avg_msec=0",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut many = Vec::new();
+    for i in 0..20 {
+        let size = "32M".to_string();
+        let args: Vec<&str> = if i % 2 == 0 {
+            vec!["null", "--size", &size, "-q", "1", "-d", "32"]
+        } else {
+            vec!["null", "--size", &size, "-q", "2", "-d", "64", "--zero-copy=off"]
+        };
+        let d = Dev::add(&args);
+        assert_eq!(d.info()["pid"], pid, "device {} in another process", d.id);
+        sh(&format!("dd if={} of=/dev/null bs=64k count=64 iflag=direct status=none", d.path));
+        many.push(d);
+        if many.len() == 15 {
+            // 16 devices in all now: the same threads as with one.
+            assert_eq!(threads(pid).len(), base, "threads grew with devices: {:?}", threads(pid));
+            println!("16 devices, {base} threads ({n} core threads)");
+        }
+    }
+    for d in many {
+        d.del();
+    }
+    let out = fio.wait_with_output().unwrap();
+    assert!(out.status.success(), "fio: {}{}", stdout(&out), stderr(&out));
+    assert_eq!(fio_totals(&fio_report(&stdout(&out)).unwrap()).1, 0);
+    // Completion times (ms) of every write and verify read: no gap over a second.
+    let log = std::fs::read_to_string(format!("{lat}_lat.1.log")).unwrap();
+    let times: Vec<u64> =
+        log.lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect();
+    let gap = times.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
+    assert!(times.len() > 1000, "only {} completions logged", times.len());
+    assert!(gap < 1000, "a completion gap of {gap} ms while devices came and went");
+    println!("{} completions, longest gap {gap} ms, 64 MiB verified", times.len());
+    steady.del();
+    let _ = std::fs::remove_file(f);
+    let _ = std::fs::remove_file(format!("{lat}_lat.1.log"));
+}
+
+/// The crash job of one device: crc32c-stamped 4k random writes, verify state in `dir`.
+fn crash_job(path: &str, dir: &str) -> Vec<String> {
+    [
+        "--name=crash",
+        &format!("--filename={path}"),
+        &format!("--aux-path={dir}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=32M",
+        "--verify=crc32c",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn verify_acknowledged(path: &str, dir: &str) -> u64 {
+    let mut args = crash_job(path, dir);
+    args.extend(["--verify_only", "--verify_state_load=1", "--verify_fatal=1"].map(String::from));
+    let v = fio(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(fio_totals(&v).1, 0, "verify of the acknowledged writes found errors");
+    v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap()
+}
+
+fn wait_state(id: u32, want: &str, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let o = ublk(&["list", "-n", &id.to_string(), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v[0]["state"] == want {
+            return;
+        }
+        assert!(t.elapsed() < limit, "device {id}: {} , wanted {want}", v[0]["state"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// kill -9 of the service with three `--recovery=reissue` devices under verified writes and
+/// a plain one: `ublk-fast serve` takes the three over by itself (the writers never see an
+/// error and every acknowledged block reads back) and deletes the plain one.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn kill_9_of_the_service_then_serve_takes_every_device_over() {
+    require_driver();
+    let mut devs = Vec::new();
+    for i in 0..3 {
+        let f = format!("/tmp/ublk-fast-it-svc-crash-{i}.img");
+        let dir = format!("/tmp/ublk-fast-it-svc-crash-state-{i}");
+        sh(&format!("rm -rf {f} {dir} && mkdir {dir} && truncate -s 32M {f}"));
+        let zc = if i == 1 { "--zero-copy=off" } else { "--zero-copy=auto" };
+        let dev = Dev::add(&["loop", &f, "-q", "2", "--recovery=reissue", zc]);
+        devs.push((dev, f, dir));
+    }
+    let plain = Dev::add(&["null", "--size", "16M"]);
+    let pid = plain.info()["pid"].as_i64().unwrap();
+    assert!(devs.iter().all(|(d, _, _)| d.info()["pid"] == pid), "one process serves all");
+    let writers: Vec<_> = devs
+        .iter()
+        .map(|(d, _, dir)| {
+            let mut a = crash_job(&d.path, dir);
+            a.extend(
+                ["--rate_iops=800", "--do_verify=0", "--verify_state_save=1"].map(String::from),
+            );
+            spawn_fio(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling the service by pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    for (d, _, _) in &devs {
+        wait_state(d.id, "QUIESCED", Duration::from_secs(20));
+    }
+    let o = ublk(&["serve"]);
+    assert!(o.status.success(), "serve: {}", stderr(&o));
+    for (d, _, _) in &devs {
+        wait_state(d.id, "LIVE", Duration::from_secs(20));
+        assert_ne!(d.info()["pid"], pid);
+    }
+    assert!(wait_gone(&plain.path), "the plain device of the dead service was not deleted");
+    std::mem::forget(plain);
+    let mut total = 0;
+    for w in writers {
+        let out = w.wait_with_output().unwrap();
+        assert!(out.status.success(), "a writer failed across the crash: {}", stderr(&out));
+    }
+    for (d, f, dir) in devs {
+        let v = verify_acknowledged(&d.path, &dir);
+        total += v;
+        d.del();
+        let _ = std::fs::remove_file(f);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    println!(
+        "kill -9 of the service, 3 devices taken over by the next: {} MiB verified",
+        total >> 20
+    );
+    shutdown_service();
+}
+
+/// SIGTERM under verified writes: the plain device is deleted after its I/O, the
+/// `--recovery` device is quiesced and left; the next service takes it over and the writer
+/// sees no error (an upgrade).
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn sigterm_hands_recovery_devices_to_the_next_service() {
+    require_driver();
+    if !offers("QUIESCE") {
+        println!("SKIP: this ublk driver does not offer QUIESCE");
+        return;
+    }
+    let o = ublk(&["serve"]);
+    assert!(o.status.success(), "serve: {}", stderr(&o));
+    let f = "/tmp/ublk-fast-it-upgrade.img";
+    let dir = "/tmp/ublk-fast-it-upgrade-state";
+    sh(&format!("rm -rf {f} {dir} && mkdir {dir} && truncate -s 32M {f}"));
+    let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
+    let plain = Dev::add(&["null", "--size", "16M"]);
+    let pid = dev.info()["pid"].as_i64().unwrap();
+    let mut a = crash_job(&dev.path, dir);
+    a.extend(["--rate_iops=800", "--do_verify=0", "--verify_state_save=1"].map(String::from));
+    let writer = spawn_fio(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling the service by pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    while daemons().contains(&(pid as i32)) {
+        assert!(t.elapsed() < Duration::from_secs(60), "the service did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(wait_gone(&plain.path), "SIGTERM left the plain device");
+    std::mem::forget(plain);
+    wait_state(dev.id, "QUIESCED", Duration::from_secs(10));
+    let o = ublk(&["serve"]);
+    assert!(o.status.success(), "serve: {}", stderr(&o));
+    wait_state(dev.id, "LIVE", Duration::from_secs(20));
+    let out = writer.wait_with_output().unwrap();
+    assert!(out.status.success(), "the writer saw the upgrade: {}", stderr(&out));
+    let v = verify_acknowledged(&dev.path, dir);
+    println!("SIGTERM + new service under load: {} KiB verified, 0 errors", v >> 10);
+    dev.del();
+    shutdown_service();
+    let _ = std::fs::remove_file(f);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// systemd's own verifier accepts the unit the project ships.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn the_systemd_unit_verifies() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/ublk-fast.service");
+    if Command::new("systemd-analyze").arg("--version").stdout(Stdio::null()).status().is_err() {
+        println!("SKIP: no systemd-analyze here");
+        return;
+    }
+    // The unit names /usr/local/bin/ublk-fast: verify it against this build, put there.
+    let dir = std::env::temp_dir().join("ublk-fast-unit");
+    let _ = std::fs::create_dir_all(&dir);
+    let text = std::fs::read_to_string(unit).unwrap().replace("/usr/local/bin/ublk-fast", bin());
+    let copy = dir.join("ublk-fast.service");
+    std::fs::write(&copy, text).unwrap();
+    let o = Command::new("systemd-analyze").arg("verify").arg(&copy).output().unwrap();
+    let err = stderr(&o);
+    // Messages about other units on this system are not ours.
+    let ours: Vec<&str> = err.lines().filter(|l| l.contains("ublk-fast")).collect();
+    assert!(o.status.success() && ours.is_empty(), "systemd-analyze verify: {err}");
+    println!("systemd-analyze verify: ok");
+}
