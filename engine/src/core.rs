@@ -136,7 +136,7 @@ impl Departures {
             let now = Instant::now();
             if now >= deadline {
                 let left = g.iter().filter(|x| x.dev_id == dev).count();
-                return Err(Error::Invalid(format!(
+                return Err(Error::timeout(format!(
                     "device {dev}: only {left} of its {queues} queues ended within {timeout:?}"
                 )));
             }
@@ -245,7 +245,7 @@ impl Core {
                 self.seats.len() - 1
             }
             None => {
-                return Err(Error::Invalid(format!(
+                return Err(Error::exhausted(format!(
                     "CPU {} serves {MAX_QUEUES} queues already: add CPUs to the service",
                     self.cfg.cpu
                 )))
@@ -254,11 +254,11 @@ impl Core {
         let nfiles = 1 + cfg.files.len() as u32;
         let nbufs = cfg.mode.buffer_slots(cfg.depth);
         let files = self.files.take(nfiles).ok_or_else(|| {
-            Error::Invalid(format!("CPU {}: its ring's file table is full", self.cfg.cpu))
+            Error::exhausted(format!("CPU {}: its ring's file table is full", self.cfg.cpu))
         })?;
         let Some(bufs) = self.bufs.take(nbufs) else {
             self.files.give(files, nfiles);
-            return Err(Error::Invalid(format!(
+            return Err(Error::exhausted(format!(
                 "CPU {}: its ring's fixed-buffer table ({MAX_BUFFER_SLOTS} slots, shared by \
                  every queue on it) has no {nbufs} free slots: lower --depth or use other --cpus",
                 self.cfg.cpu
@@ -318,7 +318,7 @@ impl Core {
             match cmd {
                 CoreCmd::Add { cfg, target, reply } => {
                     if self.stopping {
-                        let _ = reply.send(Err(Error::Invalid("the service is stopping".into())));
+                        let _ = reply.send(Err(Error::failed("the service is stopping")));
                         continue;
                     }
                     match self.add(cfg, &target) {
@@ -373,7 +373,7 @@ impl Core {
             if let Some(s) = self.seats[slot].take() {
                 self.clear_tables(s.files, s.bufs);
                 if let Some(reply) = s.reply {
-                    let _ = reply.send(Err(Error::Invalid("the queue ended during setup".into())));
+                    let _ = reply.send(Err(Error::failed("the queue ended during setup")));
                 }
                 let (dev_id, q) = s.queue.id();
                 let exit = s.queue.exit();
@@ -490,7 +490,7 @@ impl Core {
         let mut out = Vec::new();
         for s in self.seats.iter_mut().flatten() {
             if let Some(reply) = s.reply.take() {
-                let _ = reply.send(Err(Error::Invalid("the core stopped during setup".into())));
+                let _ = reply.send(Err(Error::failed("the core stopped during setup")));
             }
             let (dev_id, q) = s.queue.id();
             out.push(Gone { dev_id, q, exit: s.queue.exit(), error: why.clone() });
@@ -542,7 +542,7 @@ impl CorePool {
                 .map_err(|e| Error::os("spawn core thread", e))?;
             pool.cores.push(CoreThread { cpu, mailbox, handle: Some(handle) });
             let fd = rx.recv_timeout(ADD_TIMEOUT).map_err(|_| {
-                Error::Invalid(format!("CPU {cpu}: the core thread did not start"))
+                Error::timeout(format!("CPU {cpu}: the core thread did not start"))
             })??;
             if let Some(p) = sqpoll.as_mut() {
                 // The other rings attach to the first one's SQ thread.
@@ -568,16 +568,16 @@ impl CorePool {
         target: Arc<dyn Target>,
     ) -> Result<String> {
         let Some(core) = self.cores.iter().find(|c| c.cpu == cpu) else {
-            return Err(Error::Invalid(format!("CPU {cpu} is not one of the service's CPUs")));
+            return Err(Error::invalid(format!("CPU {cpu} is not one of the service's CPUs")));
         };
         if core.handle.as_ref().is_none_or(|h| h.is_finished()) {
-            return Err(Error::Invalid(format!("CPU {cpu}: its core thread has ended")));
+            return Err(Error::failed(format!("CPU {cpu}: its core thread has ended")));
         }
         let q = cfg.q;
         let (tx, rx) = mpsc::channel();
         core.mailbox.send(CoreCmd::Add { cfg, target, reply: tx });
         rx.recv_timeout(ADD_TIMEOUT).map_err(|_| {
-            Error::Invalid(format!(
+            Error::timeout(format!(
                 "queue {q}: CPU {cpu}'s core did not set it up within {ADD_TIMEOUT:?}"
             ))
         })?

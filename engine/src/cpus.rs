@@ -45,7 +45,7 @@ pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
 pub fn online_cpus() -> Result<Vec<usize>> {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/online")
         .map_err(|e| Error::os("read /sys/devices/system/cpu/online", e))?;
-    parse_cpu_list(&s).map_err(|m| Error::Invalid(format!("/sys/devices/system/cpu/online: {m}")))
+    parse_cpu_list(&s).map_err(|m| Error::invalid(format!("/sys/devices/system/cpu/online: {m}")))
 }
 
 /// Picks one CPU per queue: from `allowed` (the user's `--cpus`) that is also in the queue's

@@ -86,10 +86,7 @@ impl Control {
         // outlives this call; we wait for the command's CQE before returning, so the kernel is
         // done with it by then.
         unsafe {
-            self.ring
-                .submission()
-                .push(&sqe)
-                .map_err(|_| Error::Invalid("control ring full".into()))?;
+            self.ring.submission().push(&sqe).map_err(|_| Error::exhausted("control ring full"))?;
         }
         loop {
             match self.ring.submit_and_wait(1) {

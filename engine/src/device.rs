@@ -47,14 +47,13 @@ pub struct DeviceConfig {
 pub fn resolve_mode(cfg: &DeviceConfig, features: u64, target_zero_copy: bool) -> Result<Mode> {
     let data = if cfg.user_copy {
         if cfg.zero_copy == ZeroCopy::On {
-            return Err(Error::Invalid(
-                "--user-copy and --zero-copy=on are two ways to move the data: pick one".into(),
+            return Err(Error::invalid(
+                "--user-copy and --zero-copy=on are two ways to move the data: pick one",
             ));
         }
         if features & UBLK_F_USER_COPY == 0 {
-            return Err(Error::Invalid(
-                "--user-copy: this kernel's ublk driver does not offer USER_COPY (Linux 6.5+)"
-                    .into(),
+            return Err(Error::unsupported(
+                "--user-copy: this kernel's ublk driver does not offer USER_COPY (Linux 6.5+)",
             ));
         }
         Data::UserCopy
@@ -65,15 +64,15 @@ pub fn resolve_mode(cfg: &DeviceConfig, features: u64, target_zero_copy: bool) -
     };
     let commands = if cfg.batch {
         if features & UBLK_F_BATCH_IO == 0 {
-            return Err(Error::Invalid(
-                "--batch-io: this kernel's ublk driver does not offer BATCH_IO (Linux 7.0+); leave the option out".into(),
+            return Err(Error::unsupported(
+                "--batch-io: this kernel's ublk driver does not offer BATCH_IO (Linux 7.0+); leave the option out",
             ));
         }
         if cfg.depth < 2 {
             // Its per-queue event FIFO (a kfifo of `depth` tags) must hold at least two: the
             // driver refuses ADD_DEV with EINVAL otherwise.
-            return Err(Error::Invalid(
-                "--batch-io needs --depth 2 or more: the driver's BATCH_IO event queue cannot be one tag deep".into(),
+            return Err(Error::invalid(
+                "--batch-io needs --depth 2 or more: the driver's BATCH_IO event queue cannot be one tag deep",
             ));
         }
         Commands::Batch
@@ -126,11 +125,11 @@ impl ZeroCopy {
         match self {
             ZeroCopy::Off => Ok(false),
             ZeroCopy::Auto => Ok(offered && target_can),
-            ZeroCopy::On if !offered => Err(Error::Invalid(
-                "--zero-copy on: this kernel's ublk driver does not offer AUTO_BUF_REG (Linux 6.16+); use --zero-copy auto or off".into(),
+            ZeroCopy::On if !offered => Err(Error::unsupported(
+                "--zero-copy on: this kernel's ublk driver does not offer AUTO_BUF_REG (Linux 6.16+); use --zero-copy auto or off",
             )),
-            ZeroCopy::On if !target_can => Err(Error::Invalid(
-                "--zero-copy on: this target cannot serve from the request's pages; use --zero-copy off".into(),
+            ZeroCopy::On if !target_can => Err(Error::unsupported(
+                "--zero-copy on: this target cannot serve from the request's pages; use --zero-copy off",
             )),
             ZeroCopy::On => Ok(true),
         }
@@ -297,7 +296,7 @@ impl Device {
         let mut flags = (UBLK_F_CMD_IOCTL_ENCODE & features) | mode.flags(features);
         let want = cfg.recovery.flags();
         if want & !features != 0 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::unsupported(format!(
                 "--recovery: this kernel's ublk driver does not offer {}",
                 feature_names(want & !features).join(", ")
             )));
@@ -348,7 +347,7 @@ impl Device {
         let features = ctrl.features()?;
         let info = ctrl.dev_info(id)?;
         if info.flags & UBLK_F_USER_RECOVERY == 0 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::invalid(format!(
                 "device {id} was not created with --recovery: it cannot be taken over"
             )));
         }
@@ -357,7 +356,7 @@ impl Device {
             let deadline = Instant::now() + Duration::from_secs(10);
             while ctrl.dev_info(id)?.state == UBLK_S_DEV_LIVE {
                 if Instant::now() > deadline {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::invalid(format!(
                         "device {id} is LIVE: its server still serves it (stop it first)"
                     )));
                 }
@@ -484,7 +483,7 @@ impl Device {
         self.cdev = None;
         let gone = gone?;
         match gone.into_iter().find_map(|g| g.error) {
-            Some(e) => Err(Error::Invalid(e)),
+            Some(e) => Err(Error::failed(e)),
             None => Ok(()),
         }
     }
@@ -571,7 +570,7 @@ fn check_memlock(cfg: &DeviceConfig) -> Result<()> {
         return Ok(());
     }
     if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
-        return Err(Error::Invalid(format!(
+        return Err(Error::exhausted(format!(
             "RLIMIT_MEMLOCK is {} KiB but {} queues x depth {} of copy buffers need {} KiB locked: \
              raise it (ulimit -l {}, or LimitMEMLOCK= for a service), lower --depth/--queues, or use \
              --zero-copy",

@@ -11,6 +11,21 @@ pub struct Where {
     pub tag: Option<u16>,
 }
 
+/// What kind of failure a message-only error is; decides its errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The request or configuration cannot work; the message says what to change (EINVAL).
+    Invalid,
+    /// The kernel's driver lacks what was asked for (EOPNOTSUPP).
+    Unsupported,
+    /// A bounded resource is used up: a ring's tables, a memory limit (ENOSPC).
+    Exhausted,
+    /// A bounded wait ran out (ETIMEDOUT).
+    Timeout,
+    /// Something that was working stopped: a core thread ended, a queue failed (EIO).
+    Failed,
+}
+
 #[derive(Debug)]
 pub enum Error {
     /// A system call or ublk command failed: `op` names it, `source` carries the errno.
@@ -20,13 +35,37 @@ pub enum Error {
         source: io::Error,
         hint: Option<std::borrow::Cow<'static, str>>,
     },
-    /// The request or configuration cannot work; the message says what to change.
-    Invalid(String),
+    /// No errno from the system: the message says what happened and what to do.
+    Msg { kind: Kind, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::Msg { kind: Kind::Invalid, msg: msg.into() }
+    }
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        Error::Msg { kind: Kind::Unsupported, msg: msg.into() }
+    }
+    pub fn exhausted(msg: impl Into<String>) -> Self {
+        Error::Msg { kind: Kind::Exhausted, msg: msg.into() }
+    }
+    pub fn timeout(msg: impl Into<String>) -> Self {
+        Error::Msg { kind: Kind::Timeout, msg: msg.into() }
+    }
+    pub fn failed(msg: impl Into<String>) -> Self {
+        Error::Msg { kind: Kind::Failed, msg: msg.into() }
+    }
+
+    /// The kind of a message-only error (`None` for a system call's).
+    pub fn kind(&self) -> Option<Kind> {
+        match self {
+            Error::Os { .. } => None,
+            Error::Msg { kind, .. } => Some(*kind),
+        }
+    }
+
     pub fn os(op: &'static str, source: io::Error) -> Self {
         Error::Os { op, at: Where::default(), source, hint: None }
     }
@@ -65,7 +104,13 @@ impl Error {
     pub fn raw_errno(&self) -> i32 {
         match self {
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::Invalid(_) => libc::EINVAL,
+            Error::Msg { kind, .. } => match kind {
+                Kind::Invalid => libc::EINVAL,
+                Kind::Unsupported => libc::EOPNOTSUPP,
+                Kind::Exhausted => libc::ENOSPC,
+                Kind::Timeout => libc::ETIMEDOUT,
+                Kind::Failed => libc::EIO,
+            },
         }
     }
 }
@@ -90,7 +135,7 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Invalid(m) => f.write_str(m),
+            Error::Msg { msg, .. } => f.write_str(msg),
         }
     }
 }
@@ -99,7 +144,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Os { source, .. } => Some(source),
-            Error::Invalid(_) => None,
+            Error::Msg { .. } => None,
         }
     }
 }
@@ -115,6 +160,8 @@ mod tests {
         assert!(s.starts_with("ADD_DEV dev=3 queue=1: "), "{s}");
         assert!(s.ends_with("(pick another -n)"), "{s}");
         assert_eq!(e.raw_errno(), libc::EEXIST);
-        assert_eq!(Error::Invalid("x".into()).raw_errno(), libc::EINVAL);
+        assert_eq!(Error::invalid("x").raw_errno(), libc::EINVAL);
+        assert_eq!(Error::timeout("x").raw_errno(), libc::ETIMEDOUT);
+        assert_eq!(Error::failed("a core thread ended").kind(), Some(Kind::Failed));
     }
 }

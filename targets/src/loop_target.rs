@@ -45,7 +45,7 @@ pub struct LoopTarget {
 }
 
 fn invalid(path: &Path, what: impl std::fmt::Display) -> Error {
-    Error::Invalid(format!("loop {}: {what}", path.display()))
+    Error::invalid(format!("loop {}: {what}", path.display()))
 }
 
 fn ioctl_u64(f: &File, req: libc::c_ulong) -> io::Result<u64> {
