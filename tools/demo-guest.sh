@@ -11,6 +11,8 @@ echo "=== ublk-fast loop $IMG"
 DEV=$($B loop $IMG)
 echo "created $DEV"
 $B list
+PID=$($B list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])')
+echo "=== served by the node service, pid $PID, threads: $(cat /proc/$PID/task/*/comm | grep -v '^iou-' | tr '\n' ' ')"
 echo "=== fio: 4k random writes, crc32c verified, 20 s at most"
 fio --name=demo --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
     --iodepth=32 --size=64M --runtime=20 --verify=crc32c --do_verify=1 --verify_fatal=1 \
@@ -27,7 +29,7 @@ mount "$DEV" /tmp/demo-mnt
 sum2=$(sha256sum < /tmp/demo-mnt/data)
 umount /tmp/demo-mnt
 [ "$sum1" = "$sum2" ] && echo "32 MiB file read back with the same sha256 after remount"
-echo "=== what the daemon counted"
+echo "=== what the service counted for $DEV"
 $B list --json | python3 -c 'import json,sys; d=json.load(sys.stdin)[0]; print(json.dumps(d["stats"], indent=1))'
 ID=${DEV#/dev/ublkb}
 $B del -n "$ID"

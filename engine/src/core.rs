@@ -144,14 +144,11 @@ impl Departures {
         }
     }
 
-    /// Takes the reports of queues of devices nobody is waiting for: their device went away
-    /// on its own (deleted from outside, or failed).
-    pub fn take_except(&self, waited_for: &[u32]) -> Vec<Gone> {
-        let mut g = self.gone.lock().unwrap_or_else(|e| e.into_inner());
-        let (theirs, keep): (Vec<Gone>, Vec<Gone>) =
-            std::mem::take(&mut *g).into_iter().partition(|x| !waited_for.contains(&x.dev_id));
-        *g = keep;
-        theirs
+    /// Takes every report left: queues of devices nobody waits for (the device went away on
+    /// its own: deleted from outside, or failed). The service calls it under the same lock as
+    /// its waits, so it never takes a report a wait is about to claim.
+    pub fn take_all(&self) -> Vec<Gone> {
+        std::mem::take(&mut *self.gone.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -581,15 +578,6 @@ impl CorePool {
                 "queue {q}: CPU {cpu}'s core did not set it up within {ADD_TIMEOUT:?}"
             ))
         })?
-    }
-
-    /// Threads of the pool (for the service's own accounting).
-    pub fn len(&self) -> usize {
-        self.cores.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.cores.is_empty()
     }
 
     /// Stops every core (each ends once no backend I/O is in flight) and joins them.

@@ -341,7 +341,12 @@ impl Node {
         })?;
         let bad = |m: String| CliError::runtime(format!("device {id}: {}: {m}", path.display()));
         let (opts, target_cmd) = parse_device_argv(&rec.argv).map_err(bad)?;
-        let cfg = build::device_config(&opts, &self.opts.cpus).map_err(|e| bad(e.msg))?;
+        // The device's --cpus may not all be this service's: then it takes all of them.
+        let cfg = build::device_config(&opts, &self.opts.cpus).or_else(|e| {
+            log(format!("dev {id}: {}: serving it on every CPU of the service", e.msg));
+            let any = crate::cli::AddOpts { cpus: None, ..opts.clone() };
+            build::device_config(&any, &self.opts.cpus).map_err(|e| bad(e.msg))
+        })?;
         let cwd = PathBuf::from(&rec.cwd);
         let target = build::target(&target_cmd, &cwd).map_err(|e| bad(e.msg))?;
         let dev = Device::recover(&cfg, Arc::clone(&target), id, &self.pool)
@@ -386,7 +391,7 @@ impl Node {
     /// Devices whose queues left their cores on their own: stopped or deleted from outside,
     /// or a queue failed. Their end of `/dev/ublkcN` closes so the driver can finish.
     fn reap(&mut self) {
-        let gone = self.pool.departures().take_except(&[]);
+        let gone = self.pool.departures().take_all();
         if gone.is_empty() {
             return;
         }
