@@ -109,11 +109,21 @@ impl Response {
     }
 }
 
-/// Reads one `\n`-terminated line of at most `max` bytes (without the newline).
+/// Reads one `\n`-terminated line of at most `max` bytes (without the newline), all of it
+/// within the socket's read timeout: a peer trickling bytes cannot hold the reader longer.
 pub fn read_line(s: &mut UnixStream, max: usize) -> Result<String, String> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    let limit = s.read_timeout().ok().flatten();
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
     loop {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!("no full line within {:?}", limit.unwrap_or_default()));
+            }
+            let _ = s.set_read_timeout(Some(left));
+        }
         let n = s.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("the peer closed the connection before a full line".into());
@@ -182,6 +192,26 @@ mod tests {
         ] {
             assert!(parse_request(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_trickled_line_is_cut_off_at_the_deadline() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let writer = std::thread::spawn(move || {
+            // 3 s of one byte every 100 ms: without the deadline the read would last that long.
+            for _ in 0..30 {
+                if a.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let t = std::time::Instant::now();
+        assert!(read_line(&mut b, 1000).is_err());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        drop(b);
+        writer.join().unwrap();
     }
 
     #[test]
