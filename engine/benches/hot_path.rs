@@ -67,7 +67,7 @@ fn main() {
     // BATCH_IO: a loop turn stages its results and builds one COMMIT for all of them.
     let batch_ring = ring::Ring::new(8, 16, None).unwrap();
     let at = Placement { slot: 0, file_base: 0, buf_base: 0, bgid: 0 };
-    match Batch::new(&batch_ring, 0, 128, Data::ZeroCopy, Vec::new(), at) {
+    match Batch::new(&batch_ring.uring, 0, 128, Data::ZeroCopy, Vec::new(), at) {
         Ok(mut b) => {
             bench("BATCH_IO: stage 32 results + COMMIT SQE build", n / 32, |i| {
                 for k in 0..32 {

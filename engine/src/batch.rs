@@ -161,17 +161,6 @@ impl Batch {
     /// `buf_addrs`: each tag's buffer in copy mode (empty otherwise); `at`: the queue's share
     /// of the ring (its char device's fixed file, fixed buffers and FETCH buffer group).
     pub fn new(
-        ring: &crate::ring::Ring,
-        q: u16,
-        depth: u16,
-        data: Data,
-        buf_addrs: Vec<u64>,
-        at: Placement,
-    ) -> Result<Batch> {
-        Batch::on(&ring.uring, q, depth, data, buf_addrs, at)
-    }
-
-    fn on(
         ring: &IoUring,
         q: u16,
         depth: u16,
@@ -351,7 +340,7 @@ mod tests {
     #[test]
     fn fetch_sqe_is_multishot_with_buffer_select() {
         let Some(r) = ring() else { return };
-        let Ok(b) = Batch::on(&r, 1, 4, Data::ZeroCopy, Vec::new(), at(5)) else {
+        let Ok(b) = Batch::new(&r, 1, 4, Data::ZeroCopy, Vec::new(), at(5)) else {
             println!("skipped: this kernel has no io_uring buffer rings");
             return;
         };
@@ -371,7 +360,7 @@ mod tests {
     fn copy_elements_carry_the_buffer_address_and_partial_commits_are_read() {
         let Some(r) = ring() else { return };
         let addrs = vec![0x1000, 0x2000, 0x3000, 0x4000];
-        let Ok(mut b) = Batch::on(&r, 0, 4, Data::Copy, addrs, at(0)) else { return };
+        let Ok(mut b) = Batch::new(&r, 0, 4, Data::Copy, addrs, at(0)) else { return };
         let raw = sqe_bytes(b.prep(4));
         assert_eq!(u16::from_ne_bytes(raw[50..52].try_into().unwrap()), UBLK_BATCH_F_HAS_BUF_ADDR);
         assert_eq!(u16::from_ne_bytes(raw[52..54].try_into().unwrap()), 4, "nr_elem");
@@ -399,7 +388,7 @@ mod tests {
     #[test]
     fn staged_results_wait_while_every_array_is_busy() {
         let Some(r) = ring() else { return };
-        let Ok(mut b) = Batch::on(&r, 0, 8, Data::UserCopy, Vec::new(), at(0)) else { return };
+        let Ok(mut b) = Batch::new(&r, 0, 8, Data::UserCopy, Vec::new(), at(0)) else { return };
         let mut slots = Vec::new();
         for tag in 0..SLOTS as u16 {
             b.stage(tag, 0);

@@ -188,7 +188,8 @@ impl Queue {
             } else {
                 Vec::new()
             };
-            let b = Batch::new(ring, q, depth, cfg.mode.data, addrs, at).map_err(|e| e.queue(q))?;
+            let b = Batch::new(&ring.uring, q, depth, cfg.mode.data, addrs, at)
+                .map_err(|e| e.queue(q))?;
             Some(b)
         } else {
             None

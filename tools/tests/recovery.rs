@@ -8,19 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn wait_state(dev: &Dev, want: &str, limit: Duration) {
-    let t = Instant::now();
-    loop {
-        let s = dev.info()["state"].as_str().unwrap_or("").to_string();
-        if s == want {
-            println!("state {want} after {:.1?}", t.elapsed());
-            return;
-        }
-        assert!(t.elapsed() < limit, "state {s}, wanted {want} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn kill9(pid: i64) {
     // SAFETY: signalling a daemon process by pid.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0, "kill -9 {pid}");
@@ -59,39 +46,12 @@ fn expect_clean_fio(fio: std::process::Child, what: &str) {
     assert_eq!(fio_totals(&v).1, 0);
 }
 
-/// The crash job: random writes of crc32c-stamped 4k blocks over the whole 64 MiB device; its
-/// verify state lives in `dir`. The writer and the verifier must describe the same job.
-fn crash_job(dev: &Dev, dir: &str) -> Vec<String> {
-    let mut a = vec![
-        "--name=crash".to_string(),
-        format!("--filename={}", dev.path),
-        format!("--aux-path={dir}"),
-    ];
-    a.extend(
-        ["--ioengine=io_uring", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=16"]
-            .into_iter()
-            .chain(["--size=64M", "--verify=crc32c"])
-            .map(String::from),
-    );
-    a
-}
-
 /// Starts the crash job at 1000 writes/s, saving fio's verify state on exit
 /// (`verify_state_save`): what was acknowledged is what `verify_acknowledged` checks later.
 fn spawn_stateful_writes(dev: &Dev, dir: &str) -> std::process::Child {
-    let mut args = crash_job(dev, dir);
+    let mut args = crash_job(&dev.path, dir, "64M");
     args.extend(["--rate_iops=1000", "--do_verify=0", "--verify_state_save=1"].map(String::from));
     spawn_fio(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-/// Reads back every block the writing fio had acknowledged when it exited (its saved verify
-/// state) and checks its crc32c; returns the bytes verified.
-fn verify_acknowledged(dev: &Dev, dir: &str) -> u64 {
-    let mut args = crash_job(dev, dir);
-    args.extend(["--verify_only", "--verify_state_load=1", "--verify_fatal=1"].map(String::from));
-    let v = fio(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(fio_totals(&v).1, 0, "verify of the acknowledged writes found errors");
-    v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap()
 }
 
 /// The writing fio's exit: (succeeded, errors, bytes written).
@@ -157,7 +117,7 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
             // Reissue hides the crash from the writer.
             assert!(ok, "fio failed across a reissue crash: {errs}");
             assert_eq!(written, 64 << 20);
-            let verified = verify_acknowledged(&dev, &dir);
+            let verified = verify_acknowledged(&dev.path, &dir, "64M");
             assert!(verified > 0, "nothing was acknowledged before the crash");
             total += verified;
             println!(

@@ -191,45 +191,6 @@ fn adding_and_deleting_devices_never_pauses_the_others() {
     let _ = std::fs::remove_file(format!("{lat}_lat.1.log"));
 }
 
-/// The crash job of one device: crc32c-stamped 4k random writes, verify state in `dir`.
-fn crash_job(path: &str, dir: &str) -> Vec<String> {
-    [
-        "--name=crash",
-        &format!("--filename={path}"),
-        &format!("--aux-path={dir}"),
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--size=32M",
-        "--verify=crc32c",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn verify_acknowledged(path: &str, dir: &str) -> u64 {
-    let mut args = crash_job(path, dir);
-    args.extend(["--verify_only", "--verify_state_load=1", "--verify_fatal=1"].map(String::from));
-    let v = fio(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(fio_totals(&v).1, 0, "verify of the acknowledged writes found errors");
-    v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap()
-}
-
-fn wait_state(id: u32, want: &str, limit: Duration) {
-    let t = Instant::now();
-    loop {
-        let o = ublk(&["list", "-n", &id.to_string(), "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        if v[0]["state"] == want {
-            return;
-        }
-        assert!(t.elapsed() < limit, "device {id}: {} , wanted {want}", v[0]["state"]);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// kill -9 of the service with three `--recovery=reissue` devices under verified writes and
 /// a plain one: `ublk-fast serve` takes the three over by itself (the writers never see an
 /// error and every acknowledged block reads back) and deletes the plain one.
@@ -252,7 +213,7 @@ fn kill_9_of_the_service_then_serve_takes_every_device_over() {
     let writers: Vec<_> = devs
         .iter()
         .map(|(d, _, dir)| {
-            let mut a = crash_job(&d.path, dir);
+            let mut a = crash_job(&d.path, dir, "32M");
             a.extend(
                 ["--rate_iops=800", "--do_verify=0", "--verify_state_save=1"].map(String::from),
             );
@@ -263,12 +224,12 @@ fn kill_9_of_the_service_then_serve_takes_every_device_over() {
     // SAFETY: signalling the service by pid.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     for (d, _, _) in &devs {
-        wait_state(d.id, "QUIESCED", Duration::from_secs(20));
+        wait_state(d, "QUIESCED", Duration::from_secs(20));
     }
     let o = ublk(&["serve"]);
     assert!(o.status.success(), "serve: {}", stderr(&o));
     for (d, _, _) in &devs {
-        wait_state(d.id, "LIVE", Duration::from_secs(20));
+        wait_state(d, "LIVE", Duration::from_secs(20));
         assert_ne!(d.info()["pid"], pid);
     }
     assert!(wait_gone(&plain.path), "the plain device of the dead service was not deleted");
@@ -279,7 +240,7 @@ fn kill_9_of_the_service_then_serve_takes_every_device_over() {
         assert!(out.status.success(), "a writer failed across the crash: {}", stderr(&out));
     }
     for (d, f, dir) in devs {
-        let v = verify_acknowledged(&d.path, &dir);
+        let v = verify_acknowledged(&d.path, &dir, "32M");
         total += v;
         d.del();
         let _ = std::fs::remove_file(f);
@@ -311,7 +272,7 @@ fn sigterm_hands_recovery_devices_to_the_next_service() {
     let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
     let plain = Dev::add(&["null", "--size", "16M"]);
     let pid = dev.info()["pid"].as_i64().unwrap();
-    let mut a = crash_job(&dev.path, dir);
+    let mut a = crash_job(&dev.path, dir, "32M");
     a.extend(["--rate_iops=800", "--do_verify=0", "--verify_state_save=1"].map(String::from));
     let writer = spawn_fio(&a.iter().map(String::as_str).collect::<Vec<_>>());
     std::thread::sleep(Duration::from_secs(3));
@@ -324,13 +285,13 @@ fn sigterm_hands_recovery_devices_to_the_next_service() {
     }
     assert!(wait_gone(&plain.path), "SIGTERM left the plain device");
     std::mem::forget(plain);
-    wait_state(dev.id, "QUIESCED", Duration::from_secs(10));
+    wait_state(&dev, "QUIESCED", Duration::from_secs(10));
     let o = ublk(&["serve"]);
     assert!(o.status.success(), "serve: {}", stderr(&o));
-    wait_state(dev.id, "LIVE", Duration::from_secs(20));
+    wait_state(&dev, "LIVE", Duration::from_secs(20));
     let out = writer.wait_with_output().unwrap();
     assert!(out.status.success(), "the writer saw the upgrade: {}", stderr(&out));
-    let v = verify_acknowledged(&dev.path, dir);
+    let v = verify_acknowledged(&dev.path, dir, "32M");
     println!("SIGTERM + new service under load: {} KiB verified, 0 errors", v >> 10);
     dev.del();
     shutdown_service();

@@ -239,3 +239,41 @@ pub fn try_get(addr: &str, path: &str) -> Option<String> {
 pub fn http_get(addr: &str, path: &str) -> String {
     try_get(addr, path).unwrap_or_else(|| panic!("GET http://{addr}{path} failed"))
 }
+
+/// Waits until the device's state (as `list` reports it) is `want`; panics after `limit`.
+pub fn wait_state(dev: &Dev, want: &str, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let s = dev.info()["state"].as_str().unwrap_or("").to_string();
+        if s == want {
+            println!("state {want} after {:.1?}", t.elapsed());
+            return;
+        }
+        assert!(t.elapsed() < limit, "state {s}, wanted {want} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The crash job: random writes of crc32c-stamped 4k blocks over `size` of `path`; its verify
+/// state lives in `dir`. The writer and the verifier must describe the same job.
+pub fn crash_job(path: &str, dir: &str, size: &str) -> Vec<String> {
+    let mut a =
+        vec!["--name=crash".to_string(), format!("--filename={path}"), format!("--aux-path={dir}")];
+    a.extend(
+        ["--ioengine=io_uring", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=16"]
+            .into_iter()
+            .chain([&format!("--size={size}") as &str, "--verify=crc32c"])
+            .map(String::from),
+    );
+    a
+}
+
+/// Reads back every block the writing fio had acknowledged when it exited (its saved verify
+/// state) and checks its crc32c; returns the bytes verified.
+pub fn verify_acknowledged(path: &str, dir: &str, size: &str) -> u64 {
+    let mut args = crash_job(path, dir, size);
+    args.extend(["--verify_only", "--verify_state_load=1", "--verify_fatal=1"].map(String::from));
+    let v = fio(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(fio_totals(&v).1, 0, "verify of the acknowledged writes found errors");
+    v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap()
+}
