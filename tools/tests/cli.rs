@@ -92,7 +92,7 @@ fn io_uring_disabled_is_refused() {
     require_driver();
     let knob = "/proc/sys/kernel/io_uring_disabled";
     let Ok(old) = std::fs::read_to_string(knob) else {
-        println!("SKIP: this kernel has no {knob}");
+        skip(&format!("this kernel has no {knob}"));
         return;
     };
     let devs = dev_ids();
@@ -111,12 +111,12 @@ fn io_uring_disabled_is_refused() {
 fn missing_driver_is_refused_with_the_fix() {
     require_driver();
     if !dev_ids().is_empty() {
-        println!("SKIP: devices exist, cannot unload ublk_drv");
+        skip("devices exist, cannot unload ublk_drv");
         return;
     }
     let rm = Command::new("rmmod").arg("ublk_drv").output().unwrap();
     if !rm.status.success() {
-        println!("SKIP: cannot unload ublk_drv (built in?): {}", stderr(&rm).trim());
+        skip(&format!("cannot unload ublk_drv (built in?): {}", stderr(&rm).trim()));
         return;
     }
     let o = sh_any(&format!("{} null --size 16M", bin()));
@@ -165,7 +165,7 @@ fn copy_buffers_use_hugetlb_pages_when_reserved() {
     let got: u32 = std::fs::read_to_string(knob).unwrap().trim().parse().unwrap();
     if got < 32 {
         std::fs::write(knob, old.trim()).unwrap();
-        println!("SKIP: the kernel reserved only {got} of 40 huge pages");
+        skip(&format!("the kernel reserved only {got} of 40 huge pages"));
         return;
     }
     let dev = Dev::add(&["null", "--size", "64M", "-q", "1", "--zero-copy=off"]);

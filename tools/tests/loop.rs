@@ -70,7 +70,7 @@ fn fio_verify_matrix(dev: &str) -> u64 {
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn zero_copy_fallback_registers_the_buffer_itself() {
     if !offers("AUTO_BUF_REG") || !offers("ZERO_COPY") {
-        println!("SKIP: this ublk driver lacks AUTO_BUF_REG or ZERO_COPY (REGISTER_IO_BUF)");
+        skip("this ublk driver lacks AUTO_BUF_REG or ZERO_COPY (REGISTER_IO_BUF)");
         return;
     }
     let f = backing("zc-fallback", 128, "/dev/zero");

@@ -389,7 +389,7 @@ fn recover_refuses_what_it_cannot_take_over() {
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
     if !offers("QUIESCE") {
-        println!("SKIP: this ublk driver does not offer QUIESCE");
+        skip("this ublk driver does not offer QUIESCE");
         return;
     }
     let f = "/tmp/ublk-fast-it-quiesce.img";

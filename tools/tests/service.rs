@@ -261,7 +261,7 @@ fn kill_9_of_the_service_then_serve_takes_every_device_over() {
 fn sigterm_hands_recovery_devices_to_the_next_service() {
     require_driver();
     if !offers("QUIESCE") {
-        println!("SKIP: this ublk driver does not offer QUIESCE");
+        skip("this ublk driver does not offer QUIESCE");
         return;
     }
     let o = ublk(&["serve"]);
@@ -305,7 +305,7 @@ fn sigterm_hands_recovery_devices_to_the_next_service() {
 fn the_systemd_unit_verifies() {
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/ublk-fast.service");
     if Command::new("systemd-analyze").arg("--version").stdout(Stdio::null()).status().is_err() {
-        println!("SKIP: no systemd-analyze here");
+        skip("no systemd-analyze here");
         return;
     }
     // The unit names /usr/local/bin/ublk-fast: verify it against this build, put there.

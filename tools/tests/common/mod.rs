@@ -31,6 +31,12 @@ pub fn offers(feature: &str) -> bool {
     stdout(&ublk(&["features"])).split_whitespace().any(|w| w == feature)
 }
 
+/// Says that the calling test cannot run here and why; `tools/it.sh` counts it as skipped
+/// (the test returns right after).
+pub fn skip(reason: &str) {
+    println!("SKIP: {reason}");
+}
+
 /// True (and says so) when a mode needs a driver feature this kernel lacks: the caller skips
 /// that mode instead of failing or passing it.
 pub fn skip_mode(mode: &str) -> bool {
