@@ -5,6 +5,7 @@ mod admin;
 mod build;
 mod cli;
 mod client;
+mod http;
 mod metrics;
 mod mountns;
 mod proto;

@@ -9,10 +9,8 @@
 //! engine with its own recorder sees them too; per-I/O samples never go through the facade.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use ublk_fast_engine::stats::{QueueSnapshot, StatsRegion, LAT_BOUNDS_NS, OP_NAMES};
 
@@ -54,8 +52,12 @@ impl Exporter {
     }
 }
 
-/// Parses `ADDR:PORT`.
+/// Parses `ADDR:PORT`; a bare `PORT` (or `:PORT`) is on loopback.
 pub fn parse_addr(addr: &str) -> Result<SocketAddr, CliError> {
+    let port = addr.strip_prefix(':').unwrap_or(addr);
+    if let Ok(p) = port.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+    }
     addr.parse().map_err(|_| {
         CliError::usage(format!("--metrics {addr}: not an ADDR:PORT (e.g. 127.0.0.1:9633)"))
     })
@@ -204,41 +206,19 @@ pub fn render(devs: &[DeviceMeta]) -> String {
     out
 }
 
-fn handle(mut s: TcpStream, exporter: &Exporter) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-    let mut req = [0u8; 4096];
-    let mut n = 0;
-    while n < req.len() {
-        match s.read(&mut req[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-        if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    let line = String::from_utf8_lossy(&req[..n]);
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let get = line.starts_with("GET ");
-    let (status, body, ctype) = if get && (path == "/metrics" || path.starts_with("/metrics?")) {
-        ("200 OK", exporter.render(), "text/plain; version=0.0.4; charset=utf-8")
-    } else {
-        ("404 Not Found", "try /metrics\n".to_string(), "text/plain")
-    };
-    let _ = write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-/// Serves `/metrics` on its own thread until the process exits.
+/// Serves `/metrics` on its own thread until the process exits (`http`: bounded connections,
+/// whole-request deadline, size limit).
 pub fn spawn(listener: TcpListener, exporter: Arc<Exporter>) {
     let _ = std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            handle(conn, &exporter);
-        }
+        crate::http::serve(listener, |line| {
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let get = line.starts_with("GET ");
+            if get && (path == "/metrics" || path.starts_with("/metrics?")) {
+                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", exporter.render())
+            } else {
+                ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+            }
+        })
     });
 }
 

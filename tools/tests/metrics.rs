@@ -199,3 +199,38 @@ fn bad_metrics_addresses_are_refused_before_any_device_exists() {
     check_refused(&format!("{b} null --metrics {a}"), "cannot listen");
     check_refused(&format!("{b} null --foreground --metrics {a}"), "cannot listen");
 }
+
+/// The endpoint cannot be starved: with 50 idle connections and a client sending one byte a
+/// second, a real scrape still answers within 1 s; and a bare port binds to loopback.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn idle_and_slow_clients_do_not_starve_a_scrape() {
+    require_driver();
+    let dev = Dev::add(&["null", "--size", "64M", "--metrics", "9641"]);
+    let addr = "127.0.0.1:9641";
+    let idle: Vec<std::net::TcpStream> =
+        (0..50).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    let slow = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        for b in b"GET /metrics HTTP/1.0\r\n".iter().take(6) {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let t = Instant::now();
+        let body = http_get(addr, "/metrics");
+        let took = t.elapsed();
+        assert!(body.contains(&format!("dev=\"{}\"", dev.id)), "{body}");
+        assert!(took < Duration::from_secs(1), "a scrape took {took:?} next to idle clients");
+        println!("scrape with 50 idle + 1 slow client: {took:.1?}");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    drop(idle);
+    slow.join().unwrap();
+    dev.del();
+}
