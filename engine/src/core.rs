@@ -22,6 +22,7 @@ use crate::alloc::RangeAlloc;
 use crate::error::{Error, Result};
 use crate::op::{Op, UserData};
 use crate::queue::{Placement, Queue, QueueConfig, QueueExit};
+use crate::ratelimit::RateLimit;
 use crate::ring::{Ring, SqPoll};
 use crate::stats::QueueStats;
 use crate::target::Target;
@@ -182,6 +183,8 @@ pub struct Core {
     stopping: bool,
     /// The clock, read once per loop turn: all completions of a turn share it.
     now_ns: u64,
+    /// Bounds the core's own log lines (unexpected completions).
+    log_budget: RateLimit,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -217,6 +220,7 @@ impl Core {
             wake_buf: 0,
             stopping: false,
             now_ns: monotonic_ns(),
+            log_budget: RateLimit::default(),
         };
         core.arm_wake();
         Ok(core)
@@ -377,7 +381,7 @@ impl Core {
                 let io = s.queue.unbind_buf_group(&self.ring);
                 drop(s.queue);
                 if let Err(e) = io {
-                    eprintln!("ublk-fast: CPU {}: dev {dev_id} queue {q}: {e}", self.cfg.cpu);
+                    log::warn!("CPU {}: dev {dev_id} queue {q}: {e}", self.cfg.cpu);
                 }
                 self.departures.push(Gone { dev_id, q, exit, error: None });
             }
@@ -470,15 +474,17 @@ impl Core {
     }
 
     /// A completion that matches nothing in flight: never applied, always logged and counted.
-    fn unexpected(&self, raw: u64, res: i32, slot: Option<usize>) {
+    fn unexpected(&mut self, raw: u64, res: i32, slot: Option<usize>) {
         let seat = slot.and_then(|i| self.seats.get(i)).and_then(Option::as_ref);
         if let Some(s) = seat.or(self.seats.iter().flatten().next()) {
             QueueStats::bump(&s.queue.stats().unexpected_completions, 1);
         }
-        eprintln!(
-            "ublk-fast: CPU {}: unexpected completion user_data {raw:#x} result {res}",
-            self.cfg.cpu
-        );
+        if let Some(dropped) = self.log_budget.admit(self.now_ns) {
+            log::warn!(
+                "CPU {}: unexpected completion user_data {raw:#x} result {res} ({dropped} similar lines dropped before)",
+                self.cfg.cpu
+            );
+        }
     }
 
     /// Every queue still seated leaves with the core: their reports, to be given once the
@@ -630,7 +636,7 @@ fn core_main(
     let r = core.run();
     let why = r.err().map(|e| {
         let m = format!("CPU {cpu}: core stopped: {e}");
-        eprintln!("ublk-fast: {m}");
+        log::error!("{m}");
         m
     });
     let gone = core.abandon(why);

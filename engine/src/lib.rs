@@ -13,6 +13,7 @@ pub mod error;
 pub mod mode;
 pub mod op;
 pub mod queue;
+pub mod ratelimit;
 pub mod ring;
 pub mod stats;
 pub mod tag;

@@ -20,6 +20,7 @@ use crate::desc::DescMap;
 use crate::error::{Error, Result};
 use crate::mode::{Data, Mode};
 use crate::op::{Op, UserData};
+use crate::ratelimit::RateLimit;
 use crate::ring::Ring;
 use crate::stats::{op_index, QueueStats, StatsRegion};
 use crate::tag::{Tag, TagState};
@@ -140,6 +141,8 @@ pub struct Queue {
     prepped: Option<i32>,
     /// The core's clock for the completions being dispatched (read once per loop turn).
     now_ns: u64,
+    /// Bounds this queue's log lines (errors can come with every request).
+    log_budget: RateLimit,
 }
 
 impl Queue {
@@ -227,6 +230,7 @@ impl Queue {
             requests: 0,
             prepped: None,
             now_ns: 0,
+            log_budget: RateLimit::default(),
         })
     }
 
@@ -512,14 +516,18 @@ impl Queue {
         true
     }
 
-    fn log(&self, tag: Option<u16>, what: &str, res: i32) {
+    /// Logs a failed command of this queue (rate-limited), with its device, queue and tag.
+    fn log(&mut self, tag: Option<u16>, what: &str, res: i32) {
+        let err = io::Error::from_raw_os_error(-res);
+        self.warn(tag, &format!("{what}: {err}"));
+    }
+
+    fn warn(&mut self, tag: Option<u16>, msg: &str) {
+        let Some(dropped) = self.log_budget.admit(self.now_ns) else { return };
         let tag = tag.map_or(String::new(), |t| format!(" tag {t}"));
-        eprintln!(
-            "ublk-fast: dev {} queue {}{tag}: {what}: {}",
-            self.cfg.dev_id,
-            self.cfg.q,
-            io::Error::from_raw_os_error(-res)
-        );
+        let more =
+            if dropped > 0 { format!(" ({dropped} similar lines dropped)") } else { String::new() };
+        log::warn!("dev {} queue {}{tag}: {msg}{more}", self.cfg.dev_id, self.cfg.q);
     }
 
     /// A request arrived for `tag` (Fetching): read its descriptor and start serving it.
@@ -600,16 +608,15 @@ impl Queue {
         self.live_tags = 0;
     }
 
-    fn log_unexpected(&self, what: &str) {
+    fn log_unexpected(&mut self, what: &str) {
         QueueStats::bump(&self.stats().unexpected_completions, 1);
-        eprintln!("ublk-fast: dev {} queue {}: {what}", self.cfg.dev_id, self.cfg.q);
+        self.warn(None, what);
     }
 
     /// A COMMIT completed. Elements the driver did not apply leave their tags with us: the
     /// refused one is lost (logged), the ones after it are committed again.
     fn batch_committed(&mut self, slot: usize, res: i32) {
         let going_away = self.live_tags == 0;
-        let (dev, q) = (self.cfg.dev_id, self.cfg.q);
         let Some(b) = self.batch.as_mut() else { return };
         let Committed::Stopped { at, errno } = b.committed(slot, res) else { return };
         let mut i = at;
@@ -618,7 +625,13 @@ impl Queue {
                 if !going_away {
                     let why = errno
                         .map_or("refused".into(), |e| io::Error::from_raw_os_error(e).to_string());
-                    eprintln!("ublk-fast: dev {dev} queue {q} tag {tag}: COMMIT_IO_CMDS: {why}");
+                    if let Some(dropped) = self.log_budget.admit(self.now_ns) {
+                        log::warn!(
+                            "dev {} queue {} tag {tag}: COMMIT_IO_CMDS: {why} ({dropped} similar lines dropped before)",
+                            self.cfg.dev_id,
+                            self.cfg.q
+                        );
+                    }
                 }
                 let t = &mut self.slots[usize::from(tag)].tag;
                 if t.state == TagState::Fetching {

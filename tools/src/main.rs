@@ -6,6 +6,7 @@ mod build;
 mod cli;
 mod client;
 mod http;
+mod logging;
 mod metrics;
 mod mountns;
 mod proto;

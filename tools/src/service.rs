@@ -65,7 +65,11 @@ fn lock_path() -> PathBuf {
 }
 
 fn log(msg: impl AsRef<str>) {
-    eprintln!("ublk-fast: {}", msg.as_ref());
+    log::info!("{}", msg.as_ref());
+}
+
+fn warn(msg: impl AsRef<str>) {
+    log::warn!("{}", msg.as_ref());
 }
 
 fn signal_set() -> libc::sigset_t {
@@ -110,7 +114,7 @@ fn sd_notify(state: &str) {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };
     if let Err(e) = r {
-        log(format!("warning: cannot notify systemd: {e}"));
+        warn(format!("cannot notify systemd: {e}"));
     }
 }
 
@@ -238,7 +242,7 @@ impl Node {
             setup: dev.setup.clone(),
         };
         if let Err(e) = rec.save() {
-            log(format!("warning: cannot write {}: {e}", record::path(id).display()));
+            warn(format!("cannot write {}: {e}", record::path(id).display()));
         }
         log(format!(
             "dev {id}: {} queues x depth {}, max I/O {} KiB, on CPUs {}: {}",
@@ -263,7 +267,7 @@ impl Node {
                 Record::remove(id);
                 match &r {
                     Ok(()) => log(format!("dev {id}: deleted")),
-                    Err(e) => log(format!("dev {id}: deleted, with an error: {e}")),
+                    Err(e) => warn(format!("dev {id}: deleted, with an error: {e}")),
                 }
                 r.map_err(|e| CliError::runtime(e.to_string()))
             }
@@ -376,7 +380,7 @@ impl Node {
             if info.flags & UBLK_F_USER_RECOVERY != 0 {
                 match self.recover(id) {
                     Ok(_) => log(format!("dev {id}: taken over from the previous service")),
-                    Err(e) => log(format!("dev {id}: cannot take it over: {}", e.msg)),
+                    Err(e) => warn(format!("dev {id}: cannot take it over: {}", e.msg)),
                 }
             } else {
                 log(format!(
@@ -402,7 +406,7 @@ impl Node {
             let failed = gone.iter().find(|g| g.dev_id == id).and_then(|g| g.error.clone());
             let Some(mut s) = self.devices.remove(&id) else { continue };
             match &failed {
-                Some(why) => log(format!("dev {id}: failed ({why}): deleting it")),
+                Some(why) => warn(format!("dev {id}: failed ({why}): deleting it")),
                 None => log(format!("dev {id}: stopped from outside the service")),
             }
             s.dev.release(failed.is_some());
@@ -490,7 +494,7 @@ fn handle(node: &Mutex<Node>, req: Request) -> (Response, Option<Ending>) {
             let mut first = None;
             for id in list_dev_ids() {
                 if let Err(e) = n.del(id) {
-                    log(format!("del --all: {}", e.msg));
+                    warn(format!("del --all: {}", e.msg));
                     first.get_or_insert(e);
                 }
             }
@@ -553,6 +557,7 @@ fn run(opts: ServeOpts, mut ready: Option<File>, first: Option<Op>) -> Result<()
             let _ = p.write_all(format!("{}\n", line.replace('\n', " ")).as_bytes());
         }
     };
+    crate::logging::init();
     let r = start(&opts);
     let (node, listener, exporter) = match r {
         Ok(x) => x,
@@ -643,7 +648,7 @@ fn start(opts: &ServeOpts) -> Result<Started, CliError> {
     block_signals();
     // Before any thread exists, so they all inherit the private namespace.
     if let Some(w) = crate::mountns::isolate() {
-        log(format!("warning: {w}"));
+        warn(w);
     }
     raise_nofile();
     let lock = take_lock()?;
@@ -713,6 +718,7 @@ fn detach_stdio() {
             }
         }
     }
+    crate::logging::rotate_at(log);
 }
 
 /// `serve --foreground`, or a foreground device command that starts the service.
