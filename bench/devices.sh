@@ -2,10 +2,12 @@
 # Guest side of `bench/run.sh devices`: many devices at once. For 1, 4 and 16 devices (null,
 # and loop on brd ramdisks, 2 queues each), one fio job drives all of them round-robin (4k
 # random reads, and writes, at depth 64 in all, so fio's own cost stays the same whatever the
-# count); servers: ublk-fast (one process for all devices) and rublk (one daemon per device)
-# where its binary exists. Alternating order, RUNS runs, medians.
+# count); servers: ublk-fast (one process for all devices, zero copy), and one daemon per
+# device each: kublk (the kernel selftests' server; default copy mode and --auto_zc) and rublk
+# (zero copy), where their binaries exist. Alternating order, RUNS runs, medians.
 #   devices.sh OUT.md [RUNTIME_S] [RUNS]
-# Environment: UBLK_FAST_BIN, RUBLK_BIN (as bench/peers.sh), COUNTS (default "1 4 16").
+# Environment: UBLK_FAST_BIN, RUBLK_BIN (as bench/peers.sh), KUBLK_BIN (default
+# /var/tmp/ublk-fast-peers/bin/kublk, built by bench/build-kublk.sh), COUNTS (default "1 4 16").
 # Reported: aggregate IOPS (median, min-max), p99 completion latency, whole-guest CPU per I/O
 # (busy ticks of /proc/stat over completed I/Os), and the server's threads (io_uring's own
 # iou-wrk/iou-sqp workers aside).
@@ -13,17 +15,27 @@ set -euo pipefail
 OUT=$1; RT=${2:-5}; RUNS=${3:-3}
 B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
 R=${RUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/rublk}
+K=${KUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/kublk}
 COUNTS=${COUNTS:-"1 4 16"}
 MAXN=16; for n in $COUNTS; do [ "$n" -gt $MAXN ] && MAXN=$n; done
 W=$(mktemp -d /tmp/bench-devices.XXXX)
 TCK=$(getconf CLK_TCK)
 SERVERS="ublk-fast"
+if [ -x "$K" ]; then SERVERS="$SERVERS kublk kublk-autozc"; else
+  echo "devices: kublk skipped: no binary at $K (bench/build-kublk.sh builds it)" >&2
+fi
 if [ -x "$R" ]; then SERVERS="$SERVERS rublk"; else
   echo "devices: rublk skipped: no binary at $R (cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk)" >&2
 fi
 modprobe ublk_drv
 modprobe brd rd_nr=$MAXN rd_size=65536
-cleanup() { set +e; "$B" del --all >/dev/null 2>&1; [ -x "$R" ] && "$R" del -a >/dev/null 2>&1; rmmod brd; rm -rf "$W"; }
+cleanup() {
+  set +e
+  "$B" del --all >/dev/null 2>&1
+  [ -x "$R" ] && "$R" del -a >/dev/null 2>&1
+  [ -x "$K" ] && "$K" del -a >/dev/null 2>&1
+  rmmod brd; rm -rf "$W"
+}
 trap cleanup EXIT
 
 DEVS=""
@@ -34,6 +46,10 @@ setup() { # server kind n
     case $s:$k in
       ublk-fast:null) d=$("$B" null --size 1G -q 2 -d 128) ;;
       ublk-fast:loop) d=$("$B" loop /dev/ram$i -q 2 -d 128) ;;
+      kublk:null) "$K" add -t null -q 2 -d 128 -n $((100 + i)) --quiet >/dev/null; d=/dev/ublkb$((100 + i)) ;;
+      kublk:loop) "$K" add -t loop -q 2 -d 128 -n $((100 + i)) --quiet /dev/ram$i >/dev/null; d=/dev/ublkb$((100 + i)) ;;
+      kublk-autozc:null) "$K" add -t null -q 2 -d 128 -n $((100 + i)) --auto_zc --quiet >/dev/null; d=/dev/ublkb$((100 + i)) ;;
+      kublk-autozc:loop) "$K" add -t loop -q 2 -d 128 -n $((100 + i)) --auto_zc --quiet /dev/ram$i >/dev/null; d=/dev/ublkb$((100 + i)) ;;
       rublk:null) "$R" add null -n $((100 + i)) -q 2 -d 128 --zero-copy --quiet >/dev/null; d=/dev/ublkb$((100 + i)) ;;
       rublk:loop) "$R" add loop -n $((100 + i)) -q 2 -d 128 --zero-copy --quiet -f /dev/ram$i >/dev/null; d=/dev/ublkb$((100 + i)) ;;
     esac
@@ -45,6 +61,7 @@ teardown() {
   case $1 in
     ublk-fast) "$B" del --all >/dev/null ;;
     rublk) "$R" del -a >/dev/null 2>&1 || true ;;
+    kublk*) for d in $DEVS; do "$K" del -n "${d#/dev/ublkb}" >/dev/null 2>&1 || true; done ;;
   esac
 }
 threads() { # the server processes' threads, io_uring workers aside
@@ -96,7 +113,7 @@ def load(s, k, n, rw, run):
     # busy ticks cover the ramp too: scale by the measured share of the run
     secs = (b1 - b0) / tck
     return d["iops"], p99, secs * 1e6 / (d["iops"] * (float(rt) + 1) or 1), th
-lines = [f"# Many devices at once: ublk-fast (one process) vs rublk (one daemon per device)", "",
+lines = [f"# Many devices at once: ublk-fast (one process) vs kublk and rublk (one daemon per device)", "",
          f"Guest kernel {kernel}, {ncpu} vCPUs (qemu TCG: emulated, compare ratios inside this file only).",
          f"One fio job, 4k, iodepth 64 in all, round-robin over every device; {rt} s (+1 s ramp) x {runs} runs, alternating order; medians (min-max).",
          "CPU/IO: whole-guest busy CPU time per completed I/O. Threads: the serving processes' threads, io_uring workers aside.", ""]
@@ -121,12 +138,13 @@ for k in ("null", "loop"):
         for n in counts:
             a = one.get(("ublk-fast", k, rw, n))
             base = one.get(("ublk-fast", k, rw, counts[0]))
-            r = one.get(("rublk", k, rw, n))
             parts = []
             if a and base:
                 parts.append(f"ublk-fast x{n} / x{counts[0]}: {a / base:.2f}")
-            if a and r:
-                parts.append(f"ublk-fast / rublk: {a / r:.2f}")
+            for peer in ("kublk", "kublk-autozc", "rublk"):
+                r = one.get((peer, k, rw, n))
+                if a and r:
+                    parts.append(f"ublk-fast / {peer}: {a / r:.2f}")
             if parts:
                 lines.append(f"- {k} {rw} x{n}: " + "; ".join(parts))
 open(out, "w").write("\n".join(lines) + "\n")

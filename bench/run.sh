@@ -3,7 +3,8 @@
 #   bench/run.sh loop [RUNTIME_S] [RUNS]      -> bench/results/<date>-loop-vs-kernel.md
 #   bench/run.sh metrics [RUNTIME_S] [RUNS]   -> bench/results/<date>-metrics-overhead.md
 #   bench/run.sh devices [RUNTIME_S] [RUNS]   -> bench/results/<date>-devices.md: 1, 4 and 16
-#     devices (null, loop on brd) at once, ublk-fast's one process vs rublk's daemon per device
+#     devices (null, loop on brd) at once, ublk-fast's one process vs kublk's and rublk's daemon
+#     per device (kublk: bench/build-kublk.sh builds it)
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
 #     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
@@ -28,7 +29,7 @@ case $which in
           bench/metrics-overhead.sh "bench/results/$d-metrics-overhead.md" "$RT" "${3:-5}" ;;
   peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN FUSE_FILE_BIN PEERS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
-  devices) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN COUNTS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
+  devices) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN COUNTS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/devices.sh "bench/results/$d-devices.md" "$RT" "$RUNS" ;;
   profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
           bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
