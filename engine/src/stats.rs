@@ -4,6 +4,7 @@
 //! list` and exporters read them from outside the daemon without asking it anything.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -209,7 +210,10 @@ impl StatsRegion {
         let len = BLOCK * (1 + usize::from(queues));
         let mut map = match path {
             Some(p) => {
+                // 0600, and never through a symlink someone planted at the path.
                 let f = OpenOptions::new()
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .read(true)
                     .write(true)
                     .create(true)

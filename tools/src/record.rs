@@ -35,6 +35,38 @@ pub struct Record {
     /// How the daemon set its queues up (ring flags, buffers).
     #[serde(default)]
     pub setup: String,
+    /// What the backing store was when the device was created: a take-over refuses another.
+    #[serde(default)]
+    pub backing_id: Option<BackingId>,
+}
+
+/// A backing store's identity: the same file (device and inode) and the same size.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackingId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+}
+
+impl BackingId {
+    /// Of the file or block device at `path` now.
+    pub fn of(path: &str) -> std::io::Result<BackingId> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        // A block device's size is where its end is; a file's is its length.
+        let size = std::fs::File::open(path)?.seek(SeekFrom::End(0))?;
+        Ok(BackingId { dev: m.dev(), ino: m.ino(), size })
+    }
+}
+
+/// Whether the record at `path` belongs to this process's user (a record someone else wrote
+/// must not steer a take-over).
+pub fn owned_by_us(id: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    std::fs::symlink_metadata(path(id)).is_ok_and(|m| m.uid() == me && m.file_type().is_file())
 }
 
 pub fn run_dir() -> PathBuf {
@@ -120,6 +152,7 @@ mod tests {
             queue_affinity: vec![vec![0], vec![1]],
             backing: String::new(),
             cwd: "/".into(),
+            backing_id: None,
             argv: vec!["null".into()],
             setup: "ring DEFER_TASKRUN".into(),
         };

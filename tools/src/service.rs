@@ -240,6 +240,7 @@ impl Node {
             argv,
             cwd: cwd.to_string_lossy().into_owned(),
             setup: dev.setup.clone(),
+            backing_id: target.backing().and_then(|p| record::BackingId::of(&p).ok()),
         };
         if let Err(e) = rec.save() {
             warn(format!("cannot write {}: {e}", record::path(id).display()));
@@ -344,6 +345,23 @@ impl Node {
             ))
         })?;
         let bad = |m: String| CliError::runtime(format!("device {id}: {}: {m}", path.display()));
+        if !record::owned_by_us(id) {
+            return Err(bad("not a file of this service's user: it is not trusted".into()));
+        }
+        if let (Some(was), false) = (rec.backing_id, rec.backing.is_empty()) {
+            let now = record::BackingId::of(&rec.backing);
+            if now.as_ref().ok() != Some(&was) {
+                return Err(bad(format!(
+                    "its backing store {} is no longer the one it was created on ({}): not taken over",
+                    rec.backing,
+                    match now {
+                        Ok(n) if (n.dev, n.ino) != (was.dev, was.ino) => "another file".to_string(),
+                        Ok(n) => format!("size {} instead of {}", n.size, was.size),
+                        Err(e) => e.to_string(),
+                    }
+                )));
+            }
+        }
         let (opts, target_cmd) = parse_device_argv(&rec.argv).map_err(bad)?;
         // The device's --cpus may not all be this service's: then it takes all of them.
         let cfg = build::device_config(&opts, &self.opts.cpus).or_else(|e| {

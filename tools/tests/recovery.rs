@@ -349,6 +349,17 @@ fn recover_refuses_what_it_cannot_take_over() {
     std::fs::write(&rec, saved).unwrap();
     recover(&gone);
     gone.del();
+    // A record whose backing store is no longer the same file is not taken over.
+    let moved = "/tmp/ublk-fast-it-replaced.img";
+    sh(&format!("rm -f {moved} && truncate -s 16M {moved}"));
+    let dev = Dev::add(&["loop", moved, "--recovery"]);
+    kill9(dev.info()["pid"].as_i64().unwrap());
+    wait_state(&dev, "QUIESCED", Duration::from_secs(20));
+    sh(&format!("rm {moved} && truncate -s 16M {moved}"));
+    check_refused(&format!("{b} recover -n {}", dev.id), "is no longer the one it was created on");
+    assert_eq!(dev.info()["state"], "QUIESCED", "a refused take-over changed the device");
+    dev.del();
+    let _ = std::fs::remove_file(moved);
     // A device without --recovery dies with its daemon: I/O fails fast, recover refuses, del cleans up.
     let f = "/tmp/ublk-fast-it-norecovery.img";
     sh(&format!("rm -f {f} && truncate -s 16M {f}"));

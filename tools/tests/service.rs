@@ -75,6 +75,9 @@ fn serve_runs_one_process_and_its_socket_refuses_bad_requests() {
     assert_eq!(cores, n, "one core thread per CPU: {all:?}");
     assert!(all.len() - cores <= 4, "more than 4 control threads: {all:?}");
     let dev = Dev::add(&["null", "--size", "64M"]);
+    for f in ["json", "stats"] {
+        assert_eq!(mode(&format!("/run/ublk-fast/{}.{f}", dev.id)), 0o600, "{f} file mode");
+    }
     for bad in [
         b"nonsense\n".to_vec(),
         b"{\"version\":99,\"op\":\"status\"}\n".to_vec(),
