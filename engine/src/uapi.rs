@@ -95,6 +95,8 @@ pub const UBLK_F_INTEGRITY: u64 = 1 << 16;
 pub const UBLK_F_SAFE_STOP_DEV: u64 = 1 << 17;
 pub const UBLK_F_NO_AUTO_PART_SCAN: u64 = 1 << 18;
 pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
+/// The descriptor's size is in `ublksrv_ctrl_dev_info` (7.3+).
+pub const UBLK_F_IO_DESC_SIZE: u64 = 1 << 20;
 
 /// Every flag this build knows, with its name as `ublk-fast features` prints it.
 pub const FEATURE_NAMES: &[(u64, &str)] = &[
@@ -118,7 +120,17 @@ pub const FEATURE_NAMES: &[(u64, &str)] = &[
     (UBLK_F_SAFE_STOP_DEV, "SAFE_STOP_DEV"),
     (UBLK_F_NO_AUTO_PART_SCAN, "NO_AUTO_PART_SCAN"),
     (UBLK_F_SHMEM_ZC, "SHMEM_ZC"),
+    (UBLK_F_IO_DESC_SIZE, "IO_DESC_SIZE"),
 ];
+
+/// The UAPI's own name of a feature flag (`UBLK_F_SUPPORT_ZERO_COPY`), as `ublk_cmd.h` spells it.
+pub fn feature_uapi_name(short: &str) -> String {
+    match short {
+        "ZERO_COPY" => "UBLK_F_SUPPORT_ZERO_COPY".into(),
+        n if n.starts_with("BIT") => n.into(),
+        n => format!("UBLK_F_{n}"),
+    }
+}
 
 // ---- device states ----
 pub const UBLK_S_DEV_DEAD: u16 = 0;

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use ublk_fast_engine::ctrl::{list_dev_ids, Control};
-use ublk_fast_engine::uapi::{feature_names, state_name, ublksrv_ctrl_dev_info};
+use ublk_fast_engine::uapi::{feature_names, feature_uapi_name, state_name, ublksrv_ctrl_dev_info};
 
 use ublk_fast_engine::stats::{StatsRegion, COUNTER_NAMES};
 
@@ -27,6 +27,8 @@ pub struct DevRow {
     pub target: Option<String>,
     pub args: Vec<String>,
     pub flags: Vec<String>,
+    /// The driver's flags of the device, as a number.
+    pub flag_bits: u64,
     /// The CPU serving each queue.
     pub queue_cpus: Vec<usize>,
     /// The kernel's CPUs for each queue (what `queue_cpus` was chosen from).
@@ -93,12 +95,16 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         queue_affinity: rec.as_ref().map(|r| r.queue_affinity.clone()).unwrap_or_default(),
         args: rec.map(|r| r.args).unwrap_or_default(),
         flags: feature_names(info.flags),
+        flag_bits: info.flags,
         stats: stats(id),
         queue_requests: queue_requests(id),
     })
 }
 
-pub fn list(id: Option<u32>, json: bool) -> Result<(), CliError> {
+/// `list`: every device (or one), as JSON or in the two-line layout ublksrv's, rublk's and
+/// kublk's `list` print (scripts parse it), followed by ublk-fast's own lines; `verbose` adds
+/// each queue's CPUs and the counters.
+pub fn list(id: Option<u32>, json: bool, verbose: bool) -> Result<(), CliError> {
     let mut c = Control::open().map_err(CliError::from)?;
     let ids = match id {
         Some(i) => vec![i],
@@ -117,28 +123,53 @@ pub fn list(id: Option<u32>, json: bool) -> Result<(), CliError> {
         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into()));
         return Ok(());
     }
-    println!(
-        "{:<4} {:<13} {:<13} {:<9} {:>7} {:>6} {:>5} {:>5} {:>15} {:<6} {:<20} FLAGS",
-        "ID", "BLOCK", "CHAR", "STATE", "PID", "QUEUES", "DEPTH", "BS", "SIZE", "TARGET", "ARGS"
-    );
     for r in rows {
-        println!(
-            "{:<4} {:<13} {:<13} {:<9} {:>7} {:>6} {:>5} {:>5} {:>15} {:<6} {:<20} {}",
-            r.id,
-            r.block_device,
-            r.char_device,
-            r.state,
-            r.pid,
-            r.queues,
-            r.depth,
-            r.block_size,
-            r.size_bytes,
-            r.target.as_deref().unwrap_or("?"),
-            r.args.join(" "),
-            r.flags.join(",")
-        );
+        print!("{}", two_line(&r, verbose));
     }
     Ok(())
+}
+
+/// ublksrv's layout: `dev id N: nr_hw_queues Q queue_depth D block size B dev_capacity SECTORS`,
+/// then a tab and `max rq size BYTES daemon pid PID flags 0xFLAGS state STATE`; then ours.
+fn two_line(r: &DevRow, verbose: bool) -> String {
+    let mut out = format!(
+        "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\tmax rq size {} daemon pid {} flags {:#x} state {}\n",
+        r.id,
+        r.queues,
+        r.depth,
+        r.block_size,
+        r.size_bytes >> 9,
+        r.max_io_bytes,
+        if r.pid > 0 { r.pid } else { -1 },
+        r.flag_bits,
+        r.state
+    );
+    let cores: Vec<String> =
+        r.queue_cpus.iter().enumerate().map(|(q, c)| format!("{q}->cpu{c}")).collect();
+    out += &format!(
+        "\tqueues {}\n\ttarget {} {}\n",
+        if cores.is_empty() { "?".to_string() } else { cores.join(" ") },
+        r.target.as_deref().unwrap_or("?"),
+        r.args.join(" ")
+    );
+    if verbose {
+        out += &format!("\tflags {}\n", r.flags.join(" "));
+        for (q, aff) in r.queue_affinity.iter().enumerate() {
+            let n = r.queue_requests.get(q).copied().unwrap_or(0);
+            out += &format!(
+                "\tqueue {q}: kernel CPUs {aff:?}, served on cpu{}, {n} requests\n",
+                r.queue_cpus.get(q).copied().unwrap_or(0)
+            );
+        }
+        if let Some(setup) = &r.setup {
+            out += &format!("\tsetup {setup}\n");
+        }
+        if let Some(st) = &r.stats {
+            let s: Vec<String> = st.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out += &format!("\tstats {}\n", s.join(" "));
+        }
+    }
+    out
 }
 
 pub fn process_alive(pid: i32) -> bool {
@@ -190,9 +221,14 @@ pub fn features(json: bool) -> Result<(), CliError> {
         let v = serde_json::json!({ "flags": f, "names": names });
         println!("{v}");
     } else {
-        println!("ublk driver features {f:#x}:");
+        // As kublk's `features` does: the mask, then one flag a line by its UAPI name.
+        println!("ublk driver features: {f:#x}");
         for n in names {
-            println!("  {n}");
+            let bit = ublk_fast_engine::uapi::FEATURE_NAMES
+                .iter()
+                .find(|(_, s)| *s == n)
+                .map_or(String::new(), |(v, _)| format!("{v:#08x}"));
+            println!("  {bit:<8} {}", feature_uapi_name(&n));
         }
     }
     Ok(())

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "ublk-fast", version, about = "A fast Linux ublk server", long_about = None)]
-#[command(subcommand_value_name = "COMMAND|TARGET", disable_help_subcommand = true)]
+#[command(subcommand_value_name = "COMMAND|TARGET")]
 pub struct Cli {
     #[command(flatten)]
     pub add: AddOpts,
@@ -25,16 +25,28 @@ pub enum Command {
     /// List ublk devices
     List {
         /// Only this device
-        #[arg(short = 'n', long = "id")]
+        #[arg(short = 'n', long = "id", alias = "number")]
         id: Option<u32>,
-        /// JSON array instead of a table
+        /// JSON array instead of the two-line layout
         #[arg(long)]
         json: bool,
+        /// Also each queue's CPUs, the flags' names and the counters
+        #[arg(short = 'v', long)]
+        verbose: bool,
+        /// Every device (what `list` shows anyway; ublksrv's spelling)
+        #[arg(short = 'a', long = "all", hide = true)]
+        all: bool,
     },
     /// Stop and delete devices
     Del {
         /// The device to delete
-        #[arg(short = 'n', long = "id", required_unless_present = "all", conflicts_with = "all")]
+        #[arg(
+            short = 'n',
+            long = "id",
+            alias = "number",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
         id: Option<u32>,
         /// Every ublk device
         #[arg(short = 'a', long)]
@@ -110,7 +122,8 @@ pub struct AddOpts {
     #[arg(short = 'd', long, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub depth: Option<u16>,
     /// Device id (default: the kernel picks)
-    #[arg(short = 'n', long = "id", value_parser = clap::value_parser!(u32).range(0..=1_048_575))]
+    #[arg(short = 'n', long = "id", alias = "number",
+          value_parser = clap::value_parser!(u32).range(0..=1_048_575))]
     pub id: Option<u32>,
     /// Start the service in the foreground with this device; on SIGINT/SIGTERM delete it
     #[arg(long)]
@@ -134,12 +147,24 @@ pub struct AddOpts {
     pub sqpoll: Option<u32>,
     /// Move request data with reads and writes on /dev/ublkcN (UBLK_F_USER_COPY, Linux 6.5+)
     /// instead of letting the driver copy it
-    #[arg(long)]
+    #[arg(long, short_alias = 'u')]
     pub user_copy: bool,
     /// Talk to the driver with per-queue batch commands (UBLK_F_BATCH_IO, Linux 7.0+): one
     /// multishot fetch per queue and one commit per loop turn instead of one command per I/O
-    #[arg(long)]
+    #[arg(long, short_alias = 'b')]
     pub batch_io: bool,
+    /// ublksrv/kublk's `-z`: --zero-copy=on
+    #[arg(short = 'z', hide = true)]
+    pub z: bool,
+    /// ublksrv's `-r 0|1`: recovery off/on (requeue unless -i 1 or -e 1)
+    #[arg(short = 'r', hide = true, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub r: Option<u8>,
+    /// ublksrv's `-i 0|1`: with -r 1, reissue in-flight I/O
+    #[arg(short = 'i', hide = true, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub i: Option<u8>,
+    /// ublksrv's `-e 0|1`: with -r 1, fail I/O while no server runs
+    #[arg(short = 'e', hide = true, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub e: Option<u8>,
     /// Pin the --sqpoll thread to this CPU (needs --sqpoll, which may stand on either side of
     /// the target name, so the pair is checked once the options are merged)
     #[arg(long, value_name = "CPU")]
@@ -160,6 +185,10 @@ impl AddOpts {
             && !self.user_copy
             && !self.batch_io
             && self.sqpoll_cpu.is_none()
+            && !self.z
+            && self.r.is_none()
+            && self.i.is_none()
+            && self.e.is_none()
     }
 
     /// `self` with the options `other` sets laid over it; an option set in both places to
@@ -195,7 +224,41 @@ impl AddOpts {
             recovery: one("--recovery", self.recovery, other.recovery)?,
             sqpoll: one("--sqpoll", self.sqpoll, other.sqpoll)?,
             sqpoll_cpu: one("--sqpoll-cpu", self.sqpoll_cpu, other.sqpoll_cpu)?,
+            z: self.z || other.z,
+            r: one("-r", self.r, other.r)?,
+            i: one("-i", self.i, other.i)?,
+            e: one("-e", self.e, other.e)?,
         })
+    }
+
+    /// Other servers' spellings (`-z`, `-r 1 -i 1`, ...) turned into ours, once every place
+    /// the options may stand has been merged; a clash with ours is named.
+    pub fn normalized(mut self) -> Result<AddOpts, String> {
+        if std::mem::take(&mut self.z) {
+            if self.zero_copy.is_some_and(|z| z != ZeroCopyArg::On) {
+                return Err("-z means --zero-copy=on: give one of them".into());
+            }
+            self.zero_copy = Some(ZeroCopyArg::On);
+        }
+        let (r, i, e) = (self.r.take(), self.i.take(), self.e.take());
+        if (i.is_some() || e.is_some()) && r.is_none() {
+            return Err("-i and -e qualify -r 1 (recovery): give -r 1 too".into());
+        }
+        if let Some(r) = r {
+            if self.recovery.is_some() {
+                return Err("-r and --recovery say the same thing: give one of them".into());
+            }
+            self.recovery = match (r, i, e) {
+                (0, _, _) => None,
+                (_, Some(1), Some(1)) => {
+                    return Err("-i 1 (reissue) and -e 1 (fail I/O) exclude each other".into())
+                }
+                (_, Some(1), _) => Some(RecoveryArg::Reissue),
+                (_, _, Some(1)) => Some(RecoveryArg::FailIo),
+                _ => Some(RecoveryArg::Requeue),
+            };
+        }
+        Ok(self)
     }
 }
 
@@ -347,7 +410,7 @@ pub struct LoopArgs {
     /// Backing file or block device
     pub path: std::path::PathBuf,
     /// Use the page cache instead of O_DIRECT
-    #[arg(long)]
+    #[arg(long, alias = "buffered_io")]
     pub buffered: bool,
     /// Export the device read-only
     #[arg(long)]

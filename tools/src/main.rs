@@ -5,6 +5,7 @@ mod admin;
 mod build;
 mod cli;
 mod client;
+mod compat;
 mod http;
 mod logging;
 mod metrics;
@@ -167,7 +168,7 @@ pub(crate) fn creation_opts(
     after_add: Option<AddOpts>,
     t: &TargetCmd,
 ) -> Result<AddOpts, String> {
-    top.merged(after_add.unwrap_or_default())?.merged(t.opts()?)
+    top.merged(after_add.unwrap_or_default())?.merged(t.opts()?)?.normalized()
 }
 
 /// `recover -n ID`: the service (started if none runs, which takes every recorded device over
@@ -280,7 +281,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
             })
         }
         Command::Recover { id, foreground } => recover(id, foreground),
-        Command::List { id, json } => admin::list(id, json),
+        Command::List { id, json, verbose, all: _ } => admin::list(id, json, verbose),
         Command::Del { id, all } => via_service(proto::Op::Del { id, all }, || admin::del(id, all)),
         Command::Features { json } => admin::features(json),
         Command::Serve(a) => serve(a),
@@ -311,14 +312,15 @@ pub(crate) fn one_line(e: &clap::Error) -> String {
             w[0], w[1], w[0], w[1], w[0]
         ),
         (ErrorKind::InvalidSubcommand, None) => format!(
-            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `quiesce`, `recover`, `features`, `serve`, `shutdown`"
+            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `quiesce`, `recover`, `features`, `serve`, `shutdown`, `help`"
         ),
         _ => format!("{first} (see `ublk-fast --help`)"),
     }
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
+    let args = compat::rewrite(std::env::args().collect());
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
@@ -333,7 +335,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(cli, std::env::args().skip(1).collect()) {
+    if let Err(e) = run(cli, args.into_iter().skip(1).collect()) {
         eprintln!("ublk-fast: error: {}", e.msg);
         std::process::exit(e.code);
     }

@@ -133,12 +133,11 @@ fn list_json_reports_the_device() {
     assert!(flags.contains(&"CMD_IOCTL_ENCODE"), "{flags:?}");
     let pid = v["pid"].as_i64().unwrap();
     assert!(daemons().contains(&(pid as i32)), "pid {pid} is not a running ublk-fast");
-    // The table form names the same device.
+    // The two-line form (ublksrv's) names the same device, then its target.
     let table = stdout(&ublk(&["list"]));
-    assert!(
-        table.lines().any(|l| l.starts_with("5 ") && l.contains("LIVE") && l.contains("null")),
-        "{table}"
-    );
+    assert!(table.contains("dev id 5: nr_hw_queues 2 queue_depth 64 block size 512"), "{table}");
+    assert!(table.contains(&format!("daemon pid {pid} flags 0x")), "{table}");
+    assert!(table.contains("state LIVE\n") && table.contains("\ttarget null"), "{table}");
     dev.del();
 }
 

@@ -25,10 +25,12 @@ pub fn require_driver() {
     );
 }
 
-/// Whether the driver offers a feature, by the name `ublk-fast features` prints.
+/// Whether the driver offers a feature, by its short name (`BATCH_IO`, as in `features --json`).
 pub fn offers(feature: &str) -> bool {
     require_driver();
-    stdout(&ublk(&["features"])).split_whitespace().any(|w| w == feature)
+    let v: serde_json::Value =
+        serde_json::from_slice(&ublk(&["features", "--json"]).stdout).expect("features --json");
+    v["names"].as_array().expect("names").iter().any(|n| n == feature)
 }
 
 /// Says that the calling test cannot run here and why; `tools/it.sh` counts it as skipped
