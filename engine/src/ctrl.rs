@@ -183,6 +183,20 @@ impl Control {
         self.run("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, c).map(|_| ())
     }
 
+    /// UPDATE_SIZE (UBLK_F_UPDATE_SIZE, 6.16+): the device's capacity becomes `sectors`, while
+    /// it serves and while it is open.
+    pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<()> {
+        let mut c = ctrl_cmd(dev_id);
+        c.data[0] = sectors;
+        self.run("UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE, c).map(|_| ())
+    }
+
+    /// TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV): STOP_DEV only if nobody has the block device
+    /// open; EBUSY otherwise, and nothing changes.
+    pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
+        self.run("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
+    }
+
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
         self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
     }

@@ -41,6 +41,8 @@ pub struct DeviceConfig {
     pub user_copy: bool,
     /// UBLK_F_BATCH_IO: per-queue batch commands instead of per-tag FETCH/COMMIT_AND_FETCH.
     pub batch: bool,
+    /// UBLK_F_NO_AUTO_PART_SCAN: the kernel does not look for partitions when it starts.
+    pub no_part_scan: bool,
 }
 
 /// Decides the engine mode from what was asked, the driver's features and the target.
@@ -293,7 +295,17 @@ impl Device {
         if mode.uses_arena() {
             check_memlock(&asked)?;
         }
-        let mut flags = (UBLK_F_CMD_IOCTL_ENCODE & features) | mode.flags(features);
+        // UPDATE_SIZE where offered: `resize` works on every device.
+        let mut flags =
+            ((UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_UPDATE_SIZE) & features) | mode.flags(features);
+        if cfg.no_part_scan {
+            if features & UBLK_F_NO_AUTO_PART_SCAN == 0 {
+                return Err(Error::unsupported(
+                    "--no-part-scan: this kernel's ublk driver does not offer NO_AUTO_PART_SCAN (Linux 7.0+)",
+                ));
+            }
+            flags |= UBLK_F_NO_AUTO_PART_SCAN;
+        }
         let want = cfg.recovery.flags();
         if want & !features != 0 {
             return Err(Error::unsupported(format!(
@@ -523,6 +535,38 @@ impl Device {
         err
     }
 
+    /// `del --safe`: stops the device only if nobody has it open (TRY_STOP_DEV), then deletes
+    /// it. While it is open, EBUSY and nothing changed: the device is given back.
+    pub fn remove_if_unused(
+        mut self,
+        pool: &CorePool,
+    ) -> std::result::Result<(), Box<(Self, Error)>> {
+        let id = self.info.dev_id;
+        if self.info.flags & UBLK_F_SAFE_STOP_DEV == 0 {
+            let e = Error::unsupported(
+                "del --safe: this kernel's ublk driver does not offer SAFE_STOP_DEV",
+            );
+            return Err(Box::new((self, e)));
+        }
+        if let Err(e) = self.ctrl.try_stop_dev(id) {
+            return Err(Box::new((self, e)));
+        }
+        match self.teardown(pool) {
+            Some(e) => Err(Box::new((self, e))),
+            None => Ok(()),
+        }
+    }
+
+    /// `resize`: the device's capacity becomes `bytes` (UPDATE_SIZE), while it serves.
+    pub fn resize(&mut self, bytes: u64) -> Result<()> {
+        if self.info.flags & UBLK_F_UPDATE_SIZE == 0 {
+            return Err(Error::unsupported(
+                "resize: this kernel's ublk driver does not offer UPDATE_SIZE (Linux 6.16+)",
+            ));
+        }
+        self.ctrl.update_size(self.info.dev_id, bytes >> 9)
+    }
+
     /// Stops and deletes the device.
     pub fn remove(mut self, pool: &CorePool) -> Result<()> {
         match self.teardown(pool) {
@@ -625,6 +669,7 @@ mod tests {
             recovery: Recovery::None,
             user_copy: false,
             batch: false,
+            no_part_scan: false,
         };
         let info = ublksrv_ctrl_dev_info {
             nr_hw_queues: 2,

@@ -118,4 +118,9 @@ pub trait Target: Send + Sync {
         Vec::new()
     }
     fn queue_handler(&self, q: u16, depth: u16) -> Result<Box<dyn QueueHandler>>;
+    /// Whether the device may become `bytes` long (`resize`); the error says why not.
+    fn check_resize(&self, bytes: u64) -> Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
 }

@@ -674,8 +674,11 @@ mod tests {
             feature_names(UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG),
             ["USER_COPY", "AUTO_BUF_REG"]
         );
-        assert_eq!(feature_names(1 << 20), ["BIT20"]);
-        assert_eq!(FEATURE_NAMES.len(), 20);
+        assert_eq!(feature_names(1 << 20), ["IO_DESC_SIZE"]);
+        assert_eq!(feature_names(1 << 21), ["BIT21"]);
+        assert_eq!(FEATURE_NAMES.len(), 21);
+        assert_eq!(feature_uapi_name("ZERO_COPY"), "UBLK_F_SUPPORT_ZERO_COPY");
+        assert_eq!(feature_uapi_name("BATCH_IO"), "UBLK_F_BATCH_IO");
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl Target for FaultTarget {
         self.inner.files()
     }
 
+    fn check_resize(&self, bytes: u64) -> Result<()> {
+        self.inner.check_resize(bytes)
+    }
+
     fn queue_handler(&self, q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
         Ok(Box::new(FaultQueue {
             inner: self.inner.queue_handler(q, depth)?,

@@ -266,6 +266,29 @@ impl Target for LoopTarget {
         Some(self.path.display().to_string())
     }
 
+    /// The backing store must hold the new size now (a file is not grown behind the user's
+    /// back).
+    fn check_resize(&self, bytes: u64) -> Result<()> {
+        let have = if self.is_blkdev {
+            ioctl_u64(&self.file, BLKGETSIZE64).map_err(|e| invalid(&self.path, e))?
+        } else {
+            self.file.metadata().map_err(|e| invalid(&self.path, e))?.len()
+        };
+        if have < bytes {
+            return Err(invalid(
+                &self.path,
+                format!("is {have} bytes, smaller than {bytes}: grow it first (e.g. truncate -s)"),
+            ));
+        }
+        if !bytes.is_multiple_of(u64::from(self.logical_block)) {
+            return Err(invalid(
+                &self.path,
+                format!("{bytes} is not a multiple of the {}-byte block size", self.logical_block),
+            ));
+        }
+        Ok(())
+    }
+
     fn params(&self) -> TargetParams {
         let mut attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA;
         if self.opts.read_only {

@@ -112,6 +112,7 @@ pub fn device_config(opts: &AddOpts, service_cpus: &[usize]) -> Result<DeviceCon
         recovery: opts.recovery.map(Into::into).unwrap_or_default(),
         user_copy: opts.user_copy,
         batch: opts.batch_io,
+        no_part_scan: opts.no_part_scan,
     })
 }
 

@@ -51,6 +51,17 @@ pub enum Command {
         /// Every ublk device
         #[arg(short = 'a', long)]
         all: bool,
+        /// Only if nobody has it open (no mounted filesystem, no program holding it)
+        #[arg(long)]
+        safe: bool,
+    },
+    /// Change a device's size while it serves (UBLK_F_UPDATE_SIZE); `loop` needs its backing
+    /// store to hold the new size first
+    Resize {
+        #[arg(short = 'n', long = "id", alias = "number")]
+        id: u32,
+        /// The new size, e.g. 2G
+        size: String,
     },
     /// Start a new daemon for a device created with --recovery whose daemon died
     Recover {
@@ -153,6 +164,10 @@ pub struct AddOpts {
     /// multishot fetch per queue and one commit per loop turn instead of one command per I/O
     #[arg(long, short_alias = 'b')]
     pub batch_io: bool,
+    /// The kernel does not scan the device for partitions when it starts
+    /// (UBLK_F_NO_AUTO_PART_SCAN)
+    #[arg(long)]
+    pub no_part_scan: bool,
     /// ublksrv/kublk's `-z`: --zero-copy=on
     #[arg(short = 'z', hide = true)]
     pub z: bool,
@@ -186,6 +201,7 @@ impl AddOpts {
             && !self.batch_io
             && self.sqpoll_cpu.is_none()
             && !self.z
+            && !self.no_part_scan
             && self.r.is_none()
             && self.i.is_none()
             && self.e.is_none()
@@ -225,6 +241,7 @@ impl AddOpts {
             sqpoll: one("--sqpoll", self.sqpoll, other.sqpoll)?,
             sqpoll_cpu: one("--sqpoll-cpu", self.sqpoll_cpu, other.sqpoll_cpu)?,
             z: self.z || other.z,
+            no_part_scan: self.no_part_scan || other.no_part_scan,
             r: one("-r", self.r, other.r)?,
             i: one("-i", self.i, other.i)?,
             e: one("-e", self.e, other.e)?,

@@ -254,6 +254,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         Command::Features { .. } => Some("features"),
         Command::Serve(_) => Some("serve"),
         Command::Shutdown => Some("shutdown"),
+        Command::Resize { .. } => Some("resize"),
     };
     if let Some(cmd) = existing {
         if !cli.add.is_empty() {
@@ -282,7 +283,24 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         }
         Command::Recover { id, foreground } => recover(id, foreground),
         Command::List { id, json, verbose, all: _ } => admin::list(id, json, verbose),
-        Command::Del { id, all } => via_service(proto::Op::Del { id, all }, || admin::del(id, all)),
+        Command::Del { id, all, safe } => via_service(proto::Op::Del { id, all, safe }, || {
+            if safe {
+                return Err(CliError::runtime(
+                    "del --safe: no ublk-fast service runs, so none serves the device",
+                ));
+            }
+            admin::del(id, all)
+        }),
+        Command::Resize { id, size } => {
+            let bytes = size::parse_size(&size)
+                .map_err(|m| CliError::usage(format!("resize {size}: {m}")))?;
+            via_service(proto::Op::Resize { id, bytes }, || {
+                admin::dev_info(&mut ublk_fast_engine::ctrl::Control::open()?, id)?;
+                Err(CliError::runtime(format!(
+                    "device {id}: no ublk-fast service runs, so none serves it: nothing to resize"
+                )))
+            })
+        }
         Command::Features { json } => admin::features(json),
         Command::Serve(a) => serve(a),
         Command::Shutdown => via_service(proto::Op::Shutdown {}, || {
@@ -312,7 +330,7 @@ pub(crate) fn one_line(e: &clap::Error) -> String {
             w[0], w[1], w[0], w[1], w[0]
         ),
         (ErrorKind::InvalidSubcommand, None) => format!(
-            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `quiesce`, `recover`, `features`, `serve`, `shutdown`, `help`"
+            "{first}: targets are `null`, `loop` and `fault`, commands `add`, `list`, `del`, `resize`, `quiesce`, `recover`, `features`, `serve`, `shutdown`, `help`"
         ),
         _ => format!("{first} (see `ublk-fast --help`)"),
     }

@@ -27,13 +27,18 @@ pub enum Op {
     /// Create a device from a command line (as `ublk-fast` takes it, without the program
     /// name); relative paths in it are relative to `cwd`.
     Add { argv: Vec<String>, cwd: String },
-    /// Stop and delete a device, or every ublk device (`all`).
+    /// Stop and delete a device, or every ublk device (`all`); with `safe`, only if nobody has
+    /// the device open.
     Del {
         #[serde(default)]
         id: Option<u32>,
         #[serde(default)]
         all: bool,
+        #[serde(default)]
+        safe: bool,
     },
+    /// Change a device's size (bytes) while it serves.
+    Resize { id: u32, bytes: u64 },
     /// Hand a `--recovery` device over: the driver parks its I/O and the service lets it go.
     Quiesce { id: u32, timeout_ms: u64 },
     /// Take a device over (its server died, or it was quiesced) from its record.
@@ -174,9 +179,9 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_bad_ones_are_refused() {
-        let r = Request { version: VERSION, op: Op::Del { id: Some(3), all: false } };
+        let r = Request { version: VERSION, op: Op::Del { id: Some(3), all: false, safe: false } };
         let line = serde_json::to_string(&r).unwrap();
-        assert_eq!(line, r#"{"version":1,"op":"del","id":3,"all":false}"#);
+        assert_eq!(line, r#"{"version":1,"op":"del","id":3,"all":false,"safe":false}"#);
         assert_eq!(parse_request(&line), Ok(r));
         assert_eq!(parse_request(r#"{"version":1,"op":"status"}"#).unwrap().op, Op::Status {});
         for bad in [

@@ -162,6 +162,7 @@ fn take_lock() -> Result<File, CliError> {
 /// One served device.
 struct Served {
     dev: Device,
+    target: Arc<dyn Target>,
     rec: Record,
 }
 
@@ -253,7 +254,7 @@ impl Node {
             build::list_str(&dev.queue_cpus),
             dev.setup
         ));
-        self.devices.insert(id, Served { dev, rec });
+        self.devices.insert(id, Served { dev, target, rec });
         self.publish();
     }
 
@@ -274,6 +275,52 @@ impl Node {
             }
             None => admin::del_one(&mut Control::open()?, id),
         }
+    }
+
+    /// `del --safe`: only if nobody has the device open; otherwise nothing changes.
+    fn del_if_unused(&mut self, id: u32) -> Result<(), CliError> {
+        let Some(s) = self.devices.remove(&id) else {
+            return Err(CliError::runtime(format!(
+                "device {id} is not served by this service: `del --safe` needs its server"
+            )));
+        };
+        let Served { dev, target, rec } = s;
+        match dev.remove_if_unused(&self.pool) {
+            Ok(()) => {
+                Record::remove(id);
+                self.publish();
+                self.went();
+                log(format!("dev {id}: deleted (it was not open)"));
+                Ok(())
+            }
+            Err(b) => {
+                let (dev, e) = *b;
+                self.devices.insert(id, Served { dev, target, rec });
+                Err(match e.raw_errno() {
+                    libc::EBUSY => CliError::runtime(format!(
+                        "device {id} is open (a mounted filesystem or a program holds /dev/ublkb{id}): not deleted; close it, or leave out --safe"
+                    )),
+                    _ => CliError::runtime(e.to_string()),
+                })
+            }
+        }
+    }
+
+    /// `resize`: the target must be able to hold the new size; then the kernel's capacity.
+    fn resize(&mut self, id: u32, bytes: u64) -> Result<(), CliError> {
+        let Some(s) = self.devices.get_mut(&id) else {
+            return Err(CliError::runtime(format!("device {id} is not served by this service")));
+        };
+        let bs = s.target.params().logical_block as u64;
+        if bytes == 0 || !bytes.is_multiple_of(bs) {
+            return Err(CliError::usage(format!(
+                "resize: {bytes} bytes is not a non-zero multiple of the device's {bs}-byte blocks"
+            )));
+        }
+        s.target.check_resize(bytes).map_err(|e| CliError::runtime(format!("resize: {e}")))?;
+        s.dev.resize(bytes).map_err(|e| CliError::runtime(e.to_string()))?;
+        log(format!("dev {id}: resized to {bytes} bytes"));
+        Ok(())
     }
 
     fn went(&mut self) {
@@ -505,10 +552,13 @@ fn handle(node: &Mutex<Node>, req: Request) -> (Response, Option<Ending>) {
     let about_devices = !matches!(req.op, Op::Status {});
     let resp = match req.op {
         Op::Add { argv, cwd } => n.add(argv, Path::new(&cwd)).unwrap_or_else(fail),
-        Op::Del { id: Some(id), all: false } => {
+        Op::Del { id: Some(id), all: false, safe: true } => {
+            n.del_if_unused(id).map(|()| Response::ok()).unwrap_or_else(fail)
+        }
+        Op::Del { id: Some(id), all: false, safe: false } => {
             n.del(id).map(|()| Response::ok()).unwrap_or_else(fail)
         }
-        Op::Del { id: None, all: true } => {
+        Op::Del { id: None, all: true, safe: false } => {
             let mut first = None;
             for id in list_dev_ids() {
                 if let Err(e) = n.del(id) {
@@ -518,7 +568,10 @@ fn handle(node: &Mutex<Node>, req: Request) -> (Response, Option<Ending>) {
             }
             first.map_or_else(Response::ok, fail)
         }
-        Op::Del { .. } => Response::err("del takes an id or all, not both", 2),
+        Op::Del { .. } => Response::err("del takes an id or all (not both; --safe with an id)", 2),
+        Op::Resize { id, bytes } => {
+            n.resize(id, bytes).map(|()| Response::ok()).unwrap_or_else(fail)
+        }
         Op::Quiesce { id, timeout_ms } => {
             n.quiesce(id, timeout_ms).map(|()| Response::ok()).unwrap_or_else(fail)
         }

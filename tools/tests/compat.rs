@@ -132,3 +132,107 @@ fn list_features_and_help_speak_their_format() {
     }
     println!("{feats}");
 }
+
+/// `resize`: the kernel's size changes while the device serves and is mounted; ext4 grows
+/// into it with resize2fs and stays consistent. A loop target refuses a size its backing store
+/// does not have; null takes any.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn resize_grows_a_mounted_filesystem() {
+    if !offers("UPDATE_SIZE") {
+        skip("this ublk driver does not offer UPDATE_SIZE");
+        return;
+    }
+    let f = "/tmp/ublk-fast-it-resize.img";
+    let mnt = "/tmp/ublk-fast-it-resize-mnt";
+    sh(&format!("rm -rf {f} {mnt} && mkdir {mnt} && truncate -s 64M {f}"));
+    let dev = Dev::add(&["loop", f]);
+    let id = dev.id.to_string();
+    let size =
+        || sh(&format!("lsblk -b -n -d -o SIZE {}", dev.path)).trim().parse::<u64>().unwrap();
+    assert_eq!(size(), 64 << 20);
+    sh(&format!("mkfs.ext4 -q -F {} && mount {} {mnt}", dev.path, dev.path));
+    sh(&format!("head -c 16M /dev/urandom > {mnt}/a && sync"));
+    check_refused(&format!("{} resize -n {id} 128M", bin()), "smaller than 134217728");
+    sh(&format!("truncate -s 128M {f}"));
+    let o = ublk(&["resize", "-n", &id, "128M"]);
+    assert!(o.status.success(), "resize: {}", stderr(&o));
+    assert_eq!(size(), 128 << 20, "the kernel's size after resize");
+    sh(&format!("resize2fs {} >/dev/null 2>&1", dev.path));
+    let blocks: u64 = sh(&format!("df -B1 --output=size {mnt} | tail -1")).trim().parse().unwrap();
+    assert!(blocks > 100 << 20, "ext4 did not grow: {blocks}");
+    sh(&format!("head -c 48M /dev/urandom > {mnt}/b && sync"));
+    let sums = sh(&format!("sha256sum {mnt}/a {mnt}/b"));
+    sh(&format!("umount {mnt}"));
+    let fsck = sh_any(&format!("fsck.ext4 -fn {}", dev.path));
+    assert!(fsck.status.success(), "fsck after the resize: {}", stdout(&fsck));
+    sh(&format!("mount {} {mnt}", dev.path));
+    assert_eq!(sh(&format!("sha256sum {mnt}/a {mnt}/b")), sums);
+    sh(&format!("umount {mnt}"));
+    dev.del();
+    let null = Dev::add(&["null", "--size", "1G"]);
+    let o = ublk(&["resize", "-n", &null.id.to_string(), "3G"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sh(&format!("lsblk -b -n -d -o SIZE {}", null.path)).trim(),
+        (3u64 << 30).to_string()
+    );
+    null.del();
+    let _ = std::fs::remove_file(f);
+    println!(
+        "loop 64M -> 128M under a mounted ext4 (resize2fs, fsck clean, data intact); null 1G -> 3G"
+    );
+}
+
+/// `del --safe` refuses while the device is open (a mounted filesystem, a program holding it)
+/// and deletes it once it is not.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn del_safe_refuses_an_open_device() {
+    if !offers("SAFE_STOP_DEV") {
+        skip("this ublk driver does not offer SAFE_STOP_DEV");
+        return;
+    }
+    let mut dev = Dev::add(&["null", "--size", "64M"]);
+    let id = dev.id.to_string();
+    let held = std::fs::File::open(&dev.path).unwrap();
+    check_refused(&format!("{} del --safe -n {id}", bin()), "is open");
+    assert_eq!(dev.info()["state"], "LIVE", "a refused del --safe changed the device");
+    sh(&format!("dd if={} of=/dev/null bs=4k count=4 iflag=direct status=none", dev.path));
+    drop(held);
+    let o = ublk(&["del", "--safe", "-n", &id]);
+    assert!(o.status.success(), "del --safe of an idle device: {}", stderr(&o));
+    assert!(wait_gone(&dev.path));
+    dev.id = u32::MAX;
+}
+
+/// Partitions on a device appear as /dev/ublkbNpM; with --no-part-scan they do not.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn partitions_are_scanned_unless_no_part_scan() {
+    if !offers("NO_AUTO_PART_SCAN") {
+        skip("this ublk driver does not offer NO_AUTO_PART_SCAN");
+        return;
+    }
+    let f = "/tmp/ublk-fast-it-parts.img";
+    sh(&format!("rm -f {f} && truncate -s 64M {f} && echo 'start=2048, size=32768, type=83' | sfdisk -q {f}"));
+    let part = |d: &Dev| format!("{}p1", d.path);
+    let seen = |p: &str| {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(5) {
+            if std::path::Path::new(p).exists() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    };
+    let d = Dev::add(&["loop", f]);
+    assert!(seen(&part(&d)), "{} did not appear", part(&d));
+    d.del();
+    let d = Dev::add(&["loop", f, "--no-part-scan"]);
+    assert!(!seen(&part(&d)), "{} appeared with --no-part-scan", part(&d));
+    assert!(d.info()["flags"].as_array().unwrap().iter().any(|x| x == "NO_AUTO_PART_SCAN"));
+    d.del();
+    let _ = std::fs::remove_file(f);
+}
