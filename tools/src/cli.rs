@@ -91,8 +91,19 @@ pub enum Command {
     Serve(ServeArgs),
     /// Delete every device and stop the service
     Shutdown,
+    /// Write the man pages (into DIR) or a shell's completions (to stdout)
+    #[command(hide = true, subcommand)]
+    Generate(Generate),
     #[command(flatten)]
     Target(TargetCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Generate {
+    /// ublk-fast.8 and one page per command
+    Man { dir: std::path::PathBuf },
+    /// Completions for bash, zsh, fish, elvish or powershell
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Args, Debug, Default, Clone)]

@@ -6,6 +6,7 @@ mod build;
 mod cli;
 mod client;
 mod compat;
+mod docgen;
 mod http;
 mod logging;
 mod metrics;
@@ -255,12 +256,13 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         Command::Serve(_) => Some("serve"),
         Command::Shutdown => Some("shutdown"),
         Command::Resize { .. } => Some("resize"),
+        Command::Generate(_) => Some("generate"),
     };
     if let Some(cmd) = existing {
         if !cli.add.is_empty() {
             return Err(only_for_add(cmd));
         }
-        if cmd != "serve" {
+        if cmd != "serve" && cmd != "generate" {
             preflight()?;
         }
     }
@@ -303,6 +305,8 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         }
         Command::Features { json } => admin::features(json),
         Command::Serve(a) => serve(a),
+        Command::Generate(cli::Generate::Man { dir }) => docgen::man(&dir),
+        Command::Generate(cli::Generate::Completions { shell }) => docgen::completions(shell),
         Command::Shutdown => via_service(proto::Op::Shutdown {}, || {
             eprintln!("ublk-fast: no service runs");
             Ok(())
