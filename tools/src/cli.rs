@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// Exit once no device is served (how device commands start the service)
     #[arg(long, hide = true)]
     pub exit_when_idle: bool,
+    /// The service's /proc/self/oom_score_adj: killing it takes every device down [default: -900]
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: Option<i32>,
 }
 
 #[derive(Args, Debug, Default, Clone)]

@@ -98,7 +98,14 @@ fn serve_opts(
     if let Some(m) = &metrics {
         metrics::parse_addr(m)?;
     }
-    Ok(ServeOpts { cpus, metrics, sqpoll, sqpoll_cpu, exit_when_idle })
+    Ok(ServeOpts {
+        cpus,
+        metrics,
+        sqpoll,
+        sqpoll_cpu,
+        exit_when_idle,
+        oom_score_adj: service::DEFAULT_OOM_SCORE_ADJ,
+    })
 }
 
 /// Prints the device's path once its node exists (udev may lag behind the kernel).
@@ -215,7 +222,10 @@ fn serve(a: ServeArgs) -> Result<(), CliError> {
     preflight()?;
     let online = online_cpus()?;
     let cpus = build::cpus(a.cpus.as_deref(), &online, "online")?;
-    let opts = serve_opts(cpus, a.metrics, a.sqpoll, a.sqpoll_cpu, &online, a.exit_when_idle)?;
+    let mut opts = serve_opts(cpus, a.metrics, a.sqpoll, a.sqpoll_cpu, &online, a.exit_when_idle)?;
+    if let Some(adj) = a.oom_score_adj {
+        opts.oom_score_adj = adj;
+    }
     if a.foreground {
         return service::run_foreground(opts, None);
     }

@@ -47,7 +47,12 @@ pub struct ServeOpts {
     pub sqpoll_cpu: Option<u32>,
     /// Started by a device command: exit once no device is served.
     pub exit_when_idle: bool,
+    /// Written to /proc/self/oom_score_adj at start.
+    pub oom_score_adj: i32,
 }
+
+/// The OOM killer should pick almost anything before the process serving every device.
+pub const DEFAULT_OOM_SCORE_ADJ: i32 = -900;
 
 /// How long an idle auto-started service waits for its first device before it exits.
 const IDLE_GRACE: Duration = Duration::from_secs(30);
@@ -722,6 +727,9 @@ fn start(opts: &ServeOpts) -> Result<Started, CliError> {
         warn(w);
     }
     raise_nofile();
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", opts.oom_score_adj.to_string()) {
+        warn(format!("cannot set oom_score_adj {}: {e}", opts.oom_score_adj));
+    }
     let lock = take_lock()?;
     // Held (and locked) for the life of the process.
     std::mem::forget(lock);

@@ -70,6 +70,8 @@ fn serve_runs_one_process_and_its_socket_refuses_bad_requests() {
     let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("/run/ublk-fast"), 0o700);
     assert_eq!(mode(SOCK), 0o600);
+    let adj = sh(&format!("cat /proc/{pid}/oom_score_adj"));
+    assert_eq!(adj.trim(), "-900", "the service's oom_score_adj");
     let all = threads(pid);
     let cores = all.iter().filter(|t| t.starts_with("ublk-core")).count();
     assert_eq!(cores, n, "one core thread per CPU: {all:?}");
