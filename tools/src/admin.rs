@@ -198,11 +198,19 @@ pub fn del_one(c: &mut Control, id: u32) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn del(id: Option<u32>, all: bool) -> Result<(), CliError> {
+/// `del` with no service running: one device, or every ublk-fast device (every ublk device
+/// with `all_servers`).
+pub fn del(id: Option<u32>, all: bool, all_servers: bool) -> Result<(), CliError> {
     let mut c = Control::open().map_err(CliError::from)?;
     if all {
         let mut first_err = None;
         for i in list_dev_ids() {
+            if !all_servers && Record::load(i).is_none() {
+                eprintln!(
+                    "ublk-fast: device {i} is not ublk-fast's: left (--all-servers deletes it)"
+                );
+                continue;
+            }
             if let Err(e) = del_one(&mut c, i) {
                 eprintln!("ublk-fast: error: {}", e.msg);
                 first_err.get_or_insert(e);

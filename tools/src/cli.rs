@@ -54,6 +54,9 @@ pub enum Command {
         /// Only if nobody has it open (no mounted filesystem, no program holding it)
         #[arg(long)]
         safe: bool,
+        /// With --all: also the devices of other ublk servers
+        #[arg(long, requires = "all")]
+        all_servers: bool,
     },
     /// Change a device's size while it serves (UBLK_F_UPDATE_SIZE); `loop` needs its backing
     /// store to hold the new size first

@@ -295,14 +295,16 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         }
         Command::Recover { id, foreground } => recover(id, foreground),
         Command::List { id, json, verbose, all: _ } => admin::list(id, json, verbose),
-        Command::Del { id, all, safe } => via_service(proto::Op::Del { id, all, safe }, || {
-            if safe {
-                return Err(CliError::runtime(
-                    "del --safe: no ublk-fast service runs, so none serves the device",
-                ));
-            }
-            admin::del(id, all)
-        }),
+        Command::Del { id, all, safe, all_servers } => {
+            via_service(proto::Op::Del { id, all, safe, all_servers }, || {
+                if safe {
+                    return Err(CliError::runtime(
+                        "del --safe: no ublk-fast service runs, so none serves the device",
+                    ));
+                }
+                admin::del(id, all, all_servers)
+            })
+        }
         Command::Resize { id, size } => {
             let bytes = size::parse_size(&size)
                 .map_err(|m| CliError::usage(format!("resize {size}: {m}")))?;

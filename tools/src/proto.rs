@@ -36,6 +36,10 @@ pub enum Op {
         all: bool,
         #[serde(default)]
         safe: bool,
+        /// With `all`: also devices of other ublk servers (without it, only ublk-fast's own:
+        /// served here or recorded).
+        #[serde(default)]
+        all_servers: bool,
     },
     /// Change a device's size (bytes) while it serves.
     Resize { id: u32, bytes: u64 },
@@ -179,9 +183,15 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_bad_ones_are_refused() {
-        let r = Request { version: VERSION, op: Op::Del { id: Some(3), all: false, safe: false } };
+        let r = Request {
+            version: VERSION,
+            op: Op::Del { id: Some(3), all: false, safe: false, all_servers: false },
+        };
         let line = serde_json::to_string(&r).unwrap();
-        assert_eq!(line, r#"{"version":1,"op":"del","id":3,"all":false,"safe":false}"#);
+        assert_eq!(
+            line,
+            r#"{"version":1,"op":"del","id":3,"all":false,"safe":false,"all_servers":false}"#
+        );
         assert_eq!(parse_request(&line), Ok(r));
         assert_eq!(parse_request(r#"{"version":1,"op":"status"}"#).unwrap().op, Op::Status {});
         for bad in [

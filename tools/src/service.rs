@@ -557,15 +557,19 @@ fn handle(node: &Mutex<Node>, req: Request) -> (Response, Option<Ending>) {
     let about_devices = !matches!(req.op, Op::Status {});
     let resp = match req.op {
         Op::Add { argv, cwd } => n.add(argv, Path::new(&cwd)).unwrap_or_else(fail),
-        Op::Del { id: Some(id), all: false, safe: true } => {
+        Op::Del { id: Some(id), all: false, safe: true, .. } => {
             n.del_if_unused(id).map(|()| Response::ok()).unwrap_or_else(fail)
         }
-        Op::Del { id: Some(id), all: false, safe: false } => {
+        Op::Del { id: Some(id), all: false, safe: false, .. } => {
             n.del(id).map(|()| Response::ok()).unwrap_or_else(fail)
         }
-        Op::Del { id: None, all: true, safe: false } => {
+        Op::Del { id: None, all: true, safe: false, all_servers } => {
             let mut first = None;
             for id in list_dev_ids() {
+                if !all_servers && !n.devices.contains_key(&id) && Record::load(id).is_none() {
+                    log(format!("del --all: device {id} is not ublk-fast's: left (--all-servers deletes it)"));
+                    continue;
+                }
                 if let Err(e) = n.del(id) {
                     warn(format!("del --all: {}", e.msg));
                     first.get_or_insert(e);

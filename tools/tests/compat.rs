@@ -236,3 +236,28 @@ fn partitions_are_scanned_unless_no_part_scan() {
     d.del();
     let _ = std::fs::remove_file(f);
 }
+
+/// `del --all` deletes ublk-fast's own devices and leaves another server's; `--all-servers`
+/// deletes those too. The other server is the kernel selftests' kublk, where bench/ built it.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn del_all_leaves_other_servers_devices() {
+    require_driver();
+    let kublk = "/var/tmp/ublk-fast-peers/bin/kublk";
+    if !std::path::Path::new(kublk).exists() {
+        skip("no kublk here (bench/build-kublk.sh builds it)");
+        return;
+    }
+    let o = sh_any(&format!("{kublk} add -t null -q 1 -d 32 -n 200"));
+    assert!(o.status.success(), "kublk add: {}{}", stdout(&o), stderr(&o));
+    let theirs = "/dev/ublkb200";
+    let ours = Dev::add(&["null", "--size", "16M"]);
+    let o = ublk(&["del", "--all"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(wait_gone(&ours.path), "our device survived del --all");
+    std::mem::forget(ours);
+    assert!(std::path::Path::new(theirs).exists(), "del --all deleted kublk's device");
+    let o = ublk(&["del", "--all", "--all-servers"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(wait_gone(theirs), "del --all --all-servers left kublk's device");
+}
