@@ -215,7 +215,19 @@ fn partitions_are_scanned_unless_no_part_scan() {
         return;
     }
     let f = "/tmp/ublk-fast-it-parts.img";
-    sh(&format!("rm -f {f} && truncate -s 64M {f} && echo 'start=2048, size=32768, type=83' | sfdisk -q {f}"));
+    sh(&format!("rm -f {f} && truncate -s 64M {f}"));
+    // An MBR with one Linux partition: sectors 2048..34816 (written by hand: no sfdisk needed).
+    let mut mbr = [0u8; 512];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&32768u32.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+        file.write_all(&mbr).unwrap();
+    }
     let part = |d: &Dev| format!("{}p1", d.path);
     let seen = |p: &str| {
         let t = std::time::Instant::now();
