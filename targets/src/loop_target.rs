@@ -44,6 +44,16 @@ pub struct LoopTarget {
     opts: LoopOptions,
 }
 
+/// `--block-size` must be a logical block size the kernel takes.
+fn check_block_size(path: &Path, opts: &LoopOptions) -> Result<()> {
+    match opts.block_size {
+        Some(bs) if !bs.is_power_of_two() || !(512..=4096).contains(&bs) => {
+            Err(invalid(path, format!("--block-size {bs}: must be 512, 1024, 2048 or 4096")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn invalid(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::invalid(format!("loop {}: {what}", path.display()))
 }
@@ -91,14 +101,7 @@ fn probe_direct_read(f: &File, len: usize) -> io::Result<()> {
 impl LoopTarget {
     /// Opens and checks the backing store; every refusal is one line naming the fix.
     pub fn open(path: &Path, opts: &LoopOptions) -> Result<Self> {
-        if let Some(bs) = opts.block_size {
-            if !bs.is_power_of_two() || !(512..=4096).contains(&bs) {
-                return Err(invalid(
-                    path,
-                    format!("--block-size {bs}: must be 512, 1024, 2048 or 4096"),
-                ));
-            }
-        }
+        check_block_size(path, opts)?;
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => invalid(path, "no such file or block device"),
             io::ErrorKind::PermissionDenied => invalid(path, "permission denied"),
@@ -137,6 +140,28 @@ impl LoopTarget {
                 ),
                 _ => invalid(path, e),
             })?;
+        Self::adopt(file, path, opts)
+    }
+
+    /// Serves `file`, already opened as `open` opens `path` (by the CLI, in the caller's mount
+    /// namespace, and handed to the service over its socket): the same checks, the same lock.
+    pub fn adopt(file: File, path: &Path, opts: &LoopOptions) -> Result<Self> {
+        check_block_size(path, opts)?;
+        let meta = file.metadata().map_err(|e| invalid(path, e))?;
+        let ft = meta.file_type();
+        let is_blkdev = ft.is_block_device();
+        if !ft.is_file() && !is_blkdev {
+            return Err(invalid(path, "is neither a regular file nor a block device"));
+        }
+        // SAFETY: fcntl(F_GETFL) on a descriptor we own reads its status flags.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let writable = fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDWR;
+        if writable == opts.read_only || (fl & libc::O_DIRECT != 0) == opts.buffered {
+            return Err(invalid(
+                path,
+                "was handed over opened with other flags than its options say",
+            ));
+        }
         // One read-write server per backing store: two would corrupt each other's data.
         let lock = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own.

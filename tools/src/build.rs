@@ -26,19 +26,30 @@ fn null_target(a: &NullArgs) -> Result<Arc<dyn Target>, CliError> {
     Ok(Arc::new(NullTarget::new(size)?))
 }
 
-fn loop_target(a: &LoopArgs, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
+fn loop_target(
+    a: &LoopArgs,
+    cwd: &Path,
+    given: &mut Vec<std::fs::File>,
+) -> Result<Arc<dyn Target>, CliError> {
     let opts = LoopOptions {
         buffered: a.buffered,
         read_only: a.read_only,
         block_size: a.block_size,
         discard: !a.no_discard,
     };
-    let t =
-        LoopTarget::open(&cwd.join(&a.path), &opts).map_err(|e| CliError::usage(e.to_string()))?;
-    Ok(Arc::new(t))
+    let path = cwd.join(&a.path);
+    let t = match given.pop() {
+        Some(f) => LoopTarget::adopt(f, &path, &opts),
+        None => LoopTarget::open(&path, &opts),
+    };
+    Ok(Arc::new(t.map_err(|e| CliError::usage(e.to_string()))?))
 }
 
-fn fault_target(f: &FaultArgs, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
+fn fault_target(
+    f: &FaultArgs,
+    cwd: &Path,
+    given: &mut Vec<std::fs::File>,
+) -> Result<Arc<dyn Target>, CliError> {
     if f.fail.is_none() && f.delay_ms.is_none() {
         return Err(CliError::usage(
             "fault: nothing to inject: give --fail[=ERRNO] and/or --delay-ms MS",
@@ -46,7 +57,7 @@ fn fault_target(f: &FaultArgs, cwd: &Path) -> Result<Arc<dyn Target>, CliError> 
     }
     let inner = match &f.inner {
         InnerTarget::Null(a) => null_target(a)?,
-        InnerTarget::Loop(a) => loop_target(a, cwd)?,
+        InnerTarget::Loop(a) => loop_target(a, cwd, given)?,
     };
     let spec = FaultSpec {
         op: f.op.ublk_op(),
@@ -59,10 +70,21 @@ fn fault_target(f: &FaultArgs, cwd: &Path) -> Result<Arc<dyn Target>, CliError> 
 
 /// Builds (opens) the target; relative paths are taken from `cwd`.
 pub fn target(t: &TargetCmd, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
+    target_with(t, cwd, Vec::new())
+}
+
+/// Builds the target from files already opened for it (in `Target::files` order, as the CLI
+/// sends them), opening by path what is not given.
+pub fn target_with(
+    t: &TargetCmd,
+    cwd: &Path,
+    given: Vec<std::fs::File>,
+) -> Result<Arc<dyn Target>, CliError> {
+    let mut given: Vec<std::fs::File> = given.into_iter().rev().collect();
     match t {
         TargetCmd::Null(a) => null_target(a),
-        TargetCmd::Loop(a) => loop_target(a, cwd),
-        TargetCmd::Fault(f) => fault_target(f, cwd),
+        TargetCmd::Loop(a) => loop_target(a, cwd, &mut given),
+        TargetCmd::Fault(f) => fault_target(f, cwd, &mut given),
     }
 }
 

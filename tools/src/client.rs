@@ -16,10 +16,10 @@ pub fn connect() -> Option<UnixStream> {
     UnixStream::connect(socket_path()).ok()
 }
 
-fn send(mut s: UnixStream, op: Op) -> Result<Response, CliError> {
+fn send(mut s: UnixStream, op: Op, fds: &[std::os::fd::RawFd]) -> Result<Response, CliError> {
     let _ = s.set_read_timeout(Some(proto::ANSWER_TIMEOUT));
     let _ = s.set_write_timeout(Some(proto::READ_TIMEOUT));
-    proto::write_line(&mut s, &Request { version: proto::VERSION, op })
+    proto::write_line_with_fds(&mut s, &Request { version: proto::VERSION, op }, fds)
         .map_err(|e| CliError::runtime(format!("control socket: {e}")))?;
     let line = proto::read_line(&mut s, proto::MAX_RESPONSE_BYTES).map_err(|e| {
         CliError::runtime(format!("control socket: no answer from the service: {e}"))
@@ -34,7 +34,13 @@ fn send(mut s: UnixStream, op: Op) -> Result<Response, CliError> {
 
 /// Sends `op` to the running service; `None` when no service answers.
 pub fn call(op: Op) -> Option<Result<Response, CliError>> {
-    connect().map(|s| send(s, op))
+    connect().map(|s| send(s, op, &[]))
+}
+
+/// Sends `op` with open files for the service to use (a device's backing stores, opened here,
+/// in the caller's mount namespace).
+pub fn call_with_fds(op: Op, fds: &[std::os::fd::RawFd]) -> Option<Result<Response, CliError>> {
+    connect().map(|s| send(s, op, fds))
 }
 
 /// The running service's status, if one answers.

@@ -132,8 +132,9 @@ fn add(opts: AddOpts, target: TargetCmd, argv: Vec<String>) -> Result<(), CliErr
     let serve = serve_opts_for(&opts, &online)?;
     let cwd = std::env::current_dir()
         .map_err(|e| CliError::runtime(format!("current directory: {e}")))?;
-    // Refuse a target that cannot be opened before anything starts.
-    drop(build::target(&target, &cwd)?);
+    // Refuse a target that cannot be opened before anything starts; the files it opened go to
+    // the service with the request (it serves from its own mount namespace).
+    let opened = build::target(&target, &cwd)?;
     let op = proto::Op::Add { argv, cwd: cwd.to_string_lossy().into_owned() };
     if opts.foreground {
         if let Some(st) = client::status() {
@@ -142,6 +143,7 @@ fn add(opts: AddOpts, target: TargetCmd, argv: Vec<String>) -> Result<(), CliErr
                 st.pid
             )));
         }
+        drop(opened);
         return service::run_foreground(serve, Some(op));
     }
     let (st, started) = client::ensure(&serve)?;
@@ -161,8 +163,9 @@ fn add(opts: AddOpts, target: TargetCmd, argv: Vec<String>) -> Result<(), CliErr
             )));
         }
     }
-    let r = client::call(op)
+    let r = client::call_with_fds(op, &opened.files())
         .unwrap_or_else(|| Err(CliError::runtime("the service went away before the request")))?;
+    drop(opened);
     print_notices(&r);
     let r = client::outcome(r)?;
     print_dev(r.id.unwrap_or_default());

@@ -242,3 +242,142 @@ mod tests {
         assert!(read_line(&mut b, 50).is_err(), "no newline before EOF");
     }
 }
+
+/// Backing files a request may carry (SCM_RIGHTS) at most.
+pub const MAX_FDS: usize = 8;
+
+/// Room for a cmsg header and MAX_FDS descriptors (CMSG_SPACE, with room to spare).
+const CMSG_BYTES: usize = 128;
+
+/// Writes one line carrying `fds` as SCM_RIGHTS: the CLI hands the service the backing files it
+/// opened, so the service needs no path of the caller's mount namespace.
+pub fn write_line_with_fds(
+    s: &mut UnixStream,
+    v: &impl Serialize,
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if fds.is_empty() {
+        return write_line(s, v);
+    }
+    assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} descriptors");
+    let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut iov =
+        libc::iovec { iov_base: line.as_mut_ptr() as *mut libc::c_void, iov_len: line.len() };
+    let mut cbuf = [0u64; CMSG_BYTES / 8];
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: msghdr is plain data; every pointer set below points into locals that outlive the
+    // sendmsg call, and CMSG_* only compute offsets inside `cbuf`, which is large and aligned
+    // enough for one header and MAX_FDS descriptors.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(fd_bytes) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut i32, fds.len());
+        libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptors went with the first byte; the rest of a long line follows plainly.
+    s.write_all(&line[sent as usize..])
+}
+
+/// Reads one line like `read_line`, and the descriptors it carried (SCM_RIGHTS), owned.
+pub fn read_line_with_fds(
+    s: &mut UnixStream,
+    max: usize,
+) -> Result<(String, Vec<std::os::fd::OwnedFd>), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut first = [0u8; 4096];
+    let mut cbuf = [0u64; CMSG_BYTES / 8];
+    let mut iov =
+        libc::iovec { iov_base: first.as_mut_ptr() as *mut libc::c_void, iov_len: first.len() };
+    let mut fds = Vec::new();
+    // SAFETY: as in write_line_with_fds: the msghdr points into locals that outlive recvmsg;
+    // the kernel writes at most msg_controllen bytes of control data, and the CMSG_* walk stays
+    // inside them. Each descriptor received is new and ours (MSG_CMSG_CLOEXEC).
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = CMSG_BYTES;
+        let n = libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n >= 0 {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    let p = libc::CMSG_DATA(c) as *const i32;
+                    for i in 0..bytes / 4 {
+                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+            if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+                return Err(format!("more than {MAX_FDS} descriptors"));
+            }
+        }
+        n
+    };
+    if n < 0 {
+        return Err(format!("read: {}", std::io::Error::last_os_error()));
+    }
+    if fds.len() > MAX_FDS {
+        return Err(format!("more than {MAX_FDS} descriptors"));
+    }
+    let n = n as usize;
+    if let Some(i) = first[..n].iter().position(|&b| b == b'\n') {
+        if i > max {
+            return Err(format!("line longer than {max} bytes"));
+        }
+        return String::from_utf8(first[..i].to_vec())
+            .map(|l| (l, fds))
+            .map_err(|_| "line is not UTF-8".into());
+    }
+    if n == 0 {
+        return Err("the peer closed the connection before a full line".into());
+    }
+    // The rest of a long line: plain reads, bounded as read_line's.
+    let rest = read_line(s, max.saturating_sub(n))?;
+    let mut line = String::from_utf8(first[..n].to_vec()).map_err(|_| "line is not UTF-8")?;
+    line.push_str(&rest);
+    Ok((line, fds))
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn descriptors_travel_with_the_line() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let path = std::env::temp_dir().join(format!("ublk-fast-fdpass-{}", std::process::id()));
+        std::fs::write(&path, b"backing").unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let long = "x".repeat(10_000);
+        write_line_with_fds(&mut a, &serde_json::json!({ "v": long }), &[f.as_raw_fd()]).unwrap();
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        let (line, fds) = read_line_with_fds(&mut b, MAX_REQUEST_BYTES).unwrap();
+        assert!(line.len() > 10_000 && line.ends_with('}'), "{}", line.len());
+        assert_eq!(fds.len(), 1);
+        // The same open file, though its name is gone.
+        let mut got = std::fs::File::from(fds.into_iter().next().unwrap());
+        got.seek(SeekFrom::Start(0)).unwrap();
+        let mut s = String::new();
+        got.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "backing");
+    }
+}

@@ -217,11 +217,17 @@ impl Node {
         }
     }
 
-    /// Creates a device from its command line.
-    fn add(&mut self, argv: Vec<String>, cwd: &Path) -> Result<Response, CliError> {
+    /// Creates a device from its command line, with the backing files the caller opened (a
+    /// path of the caller's mount namespace may not be one of the service's).
+    fn add(
+        &mut self,
+        argv: Vec<String>,
+        cwd: &Path,
+        files: Vec<std::fs::File>,
+    ) -> Result<Response, CliError> {
         let (opts, target_cmd) = parse_device_argv(&argv).map_err(CliError::usage)?;
         let cfg = build::device_config(&opts, &self.opts.cpus)?;
-        let target = build::target(&target_cmd, cwd)?;
+        let target = build::target_with(&target_cmd, cwd, files)?;
         let dev = Device::create(&cfg, Arc::clone(&target), &self.pool, &mut |_| {})
             .map_err(|e| CliError::runtime(e.to_string()))?;
         let id = dev.id();
@@ -549,14 +555,18 @@ fn meta(s: &Served) -> DeviceMeta {
     }
 }
 
-/// Answers one request.
-fn handle(node: &Mutex<Node>, req: Request) -> (Response, Option<Ending>) {
+/// Answers one request (`files`: the descriptors it carried, for an add).
+fn handle(
+    node: &Mutex<Node>,
+    req: Request,
+    files: Vec<std::fs::File>,
+) -> (Response, Option<Ending>) {
     let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
     let fail = |e: CliError| Response::err(e.msg, e.code);
     // Only a request about devices can leave an auto-started service with none to serve.
     let about_devices = !matches!(req.op, Op::Status {});
     let resp = match req.op {
-        Op::Add { argv, cwd } => n.add(argv, Path::new(&cwd)).unwrap_or_else(fail),
+        Op::Add { argv, cwd } => n.add(argv, Path::new(&cwd), files).unwrap_or_else(fail),
         Op::Del { id: Some(id), all: false, safe: true, .. } => {
             n.del_if_unused(id).map(|()| Response::ok()).unwrap_or_else(fail)
         }
@@ -606,10 +616,12 @@ fn control_loop(
         let Ok(mut s) = conn else { continue };
         let _ = s.set_read_timeout(Some(proto::READ_TIMEOUT));
         let _ = s.set_write_timeout(Some(proto::READ_TIMEOUT));
-        let (mut resp, end) = match proto::read_line(&mut s, proto::MAX_REQUEST_BYTES)
-            .and_then(|l| proto::parse_request(&l))
+        let (mut resp, end) = match proto::read_line_with_fds(&mut s, proto::MAX_REQUEST_BYTES)
+            .and_then(|(l, fds)| Ok((proto::parse_request(&l)?, fds)))
         {
-            Ok(req) => handle(&node, req),
+            Ok((req, fds)) => {
+                handle(&node, req, fds.into_iter().map(std::fs::File::from).collect())
+            }
             Err(e) => (Response::err(format!("control request refused: {e}"), 2), None),
         };
         if let Some(end) = end {
@@ -662,7 +674,7 @@ fn run(opts: ServeOpts, mut ready: Option<File>, first: Option<Op>) -> Result<()
     };
     sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     if let Some(op) = first {
-        let (resp, _) = handle(&node, Request { version: proto::VERSION, op });
+        let (resp, _) = handle(&node, Request { version: proto::VERSION, op }, Vec::new());
         for n in &resp.notices {
             eprintln!("ublk-fast: notice: {n}");
         }
