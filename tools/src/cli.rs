@@ -66,7 +66,7 @@ pub enum Command {
         /// The new size, e.g. 2G
         size: String,
     },
-    /// Start a new daemon for a device created with --recovery whose daemon died
+    /// Take over a device created with --recovery whose service died or that was quiesced
     Recover {
         /// The device to take over
         #[arg(short = 'n', long = "id")]
@@ -75,7 +75,7 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
     },
-    /// Hand a --recovery device over: the kernel parks its I/O and this daemon exits; then
+    /// Hand a --recovery device over: the kernel parks its I/O and the service lets it go; then
     /// `ublk-fast recover` starts the new one
     Quiesce {
         #[arg(short = 'n', long = "id")]
@@ -160,7 +160,7 @@ pub struct AddOpts {
     /// Serve requests from their own pages (UBLK_F_AUTO_BUF_REG, Linux 6.16+) [default: auto]
     #[arg(long, value_name = "MODE")]
     pub zero_copy: Option<ZeroCopyArg>,
-    /// Let the device outlive this daemon: `ublk-fast recover` takes it over [MODE: requeue]
+    /// Let the device outlive its service: the next one takes it over [MODE: requeue]
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "requeue",
           require_equals = true)]
     pub recovery: Option<RecoveryArg>,
@@ -320,11 +320,11 @@ impl From<ZeroCopyArg> for ublk_fast_engine::device::ZeroCopy {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryArg {
-    /// I/O in flight at the crash fails; new I/O waits for the next daemon
+    /// I/O in flight at the crash fails; new I/O waits for the next service
     Requeue,
-    /// I/O in flight at the crash is reissued to the next daemon
+    /// I/O in flight at the crash is reissued to the next service
     Reissue,
-    /// I/O fails until the next daemon is there
+    /// I/O fails until the next service is there
     FailIo,
 }
 
