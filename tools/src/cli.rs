@@ -76,7 +76,7 @@ pub enum Command {
         foreground: bool,
     },
     /// Hand a --recovery device over: the kernel parks its I/O and the service lets it go; then
-    /// `ublk-fast recover` starts the new one
+    /// `ublk-fast recover` takes it back (here or in the next service)
     Quiesce {
         #[arg(short = 'n', long = "id")]
         id: u32,
