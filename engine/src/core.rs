@@ -310,7 +310,7 @@ impl Core {
         if self.mailbox.stop.load(Ordering::Acquire) && !self.stopping {
             self.stopping = true;
             for s in self.seats.iter_mut().flatten() {
-                s.queue.stop();
+                s.queue.stop(&mut self.ring);
             }
         }
         let cmds =
@@ -359,7 +359,7 @@ impl Core {
         }
         for slot in failed {
             if let Some(s) = self.seats[slot].as_mut() {
-                s.queue.stop();
+                s.queue.stop(&mut self.ring);
             }
         }
     }

@@ -284,7 +284,7 @@ impl Device {
         let features = ctrl.features()?;
         let mode = resolve_mode(cfg, features, target.supports_zero_copy())?;
         // Copy modes lock depth x max I/O per queue: deep queues get smaller buffers.
-        let asked = DeviceConfig {
+        let mut asked = DeviceConfig {
             max_io_bytes: if mode.uses_arena() {
                 copy_max_io_bytes(cfg.max_io_bytes, cfg.depth)
             } else {
@@ -292,6 +292,21 @@ impl Device {
             },
             ..cfg.clone()
         };
+        // What the target's backend can take.
+        let mut target_notices = Vec::new();
+        if asked.queues > target.max_queues() {
+            target_notices.push(format!(
+                "-q {}: the {} target serves at most {} queues here, the device has {}",
+                asked.queues,
+                target.name(),
+                target.max_queues(),
+                target.max_queues()
+            ));
+            asked.queues = target.max_queues().max(1);
+        }
+        if let Some(m) = target.max_io_bytes() {
+            asked.max_io_bytes = asked.max_io_bytes.min(m.max(4096));
+        }
         if mode.uses_arena() {
             check_memlock(&asked)?;
         }
@@ -331,7 +346,8 @@ impl Device {
         // From here on the kernel's answer is the geometry, not what was asked.
         let granted = asked.granted(&info);
         let mut dev = Device::new(ctrl, info, features, mode);
-        dev.notices = granted_notices(&asked, &granted);
+        dev.notices = target_notices;
+        dev.notices.extend(granted_notices(&asked, &granted));
         let params = ublk_params(&target.params(), granted.max_io_bytes);
         let r = dev
             .ctrl

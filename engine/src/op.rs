@@ -29,6 +29,9 @@ pub enum Op {
     CopyOut,
     /// The core's wake-up eventfd is readable (a stop was asked for); not tied to a queue.
     Wake,
+    /// A queue-level operation of the target (not tied to a request), with its sub-op byte;
+    /// `UserData::tag` carries the target's token.
+    Queue(u8),
 }
 
 impl Op {
@@ -44,6 +47,7 @@ impl Op {
             Op::CopyIn => (7, 0),
             Op::CopyOut => (8, 0),
             Op::Wake => (9, 0),
+            Op::Queue(sub) => (10, sub),
         }
     }
 
@@ -59,6 +63,7 @@ impl Op {
             7 => Op::CopyIn,
             8 => Op::CopyOut,
             9 => Op::Wake,
+            10 => Op::Queue(sub),
             _ => return None,
         })
     }
@@ -113,6 +118,8 @@ mod tests {
             Op::CopyIn,
             Op::CopyOut,
             Op::Wake,
+            Op::Queue(0),
+            Op::Queue(200),
         ];
         for (i, op) in ops.into_iter().enumerate() {
             for (queue, tag, gen) in [(0u16, 0u16, 0u16), (65535, 4095, 65535), (7, 65535, 1)] {
@@ -120,7 +127,7 @@ mod tests {
                 assert_eq!(UserData::decode(u.encode()), Some(u));
             }
         }
-        assert_eq!(UserData::decode(10 << 16), None);
+        assert_eq!(UserData::decode(11 << 16), None);
         assert_eq!(UserData::decode(u64::MAX), None);
     }
 }

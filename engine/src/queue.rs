@@ -63,6 +63,8 @@ struct Slot {
     manual_reg: bool,
     /// User copy: the result a READ commits once its data is copied out.
     copy_out_res: i32,
+    /// The handler holds the request ([`Flow::Held`]) until it calls `Submit::finish`.
+    held: bool,
 }
 
 /// Counts a committed request by op.
@@ -99,8 +101,12 @@ struct Sq<'a> {
     ring: &'a mut Ring,
     slots: &'a mut [Slot],
     backend_inflight: &'a mut usize,
+    queue_ops: &'a mut usize,
+    /// Held requests the handler finished during this call, settled right after it.
+    finished: &'a mut Vec<(u16, i32)>,
     stats: &'a QueueStats,
     queue: u16,
+    now_ns: u64,
 }
 
 impl Submit for Sq<'_> {
@@ -118,6 +124,37 @@ impl Submit for Sq<'_> {
     fn stats(&self) -> &QueueStats {
         self.stats
     }
+
+    unsafe fn push_queue(&mut self, token: u16, sub: u8, sqe: squeue::Entry) {
+        *self.queue_ops += 1;
+        let ud = UserData::new(self.queue, token, Op::Queue(sub), 0);
+        QueueStats::bump(&self.stats.sqes, 1);
+        // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
+        unsafe { self.ring.push(&sqe.user_data(ud.encode())) };
+    }
+
+    fn queue_user_data(&self, token: u16, sub: u8) -> u64 {
+        UserData::new(self.queue, token, Op::Queue(sub), 0).encode()
+    }
+
+    fn finish(&mut self, tag: u16, res: i32) {
+        let held = self
+            .slots
+            .get_mut(usize::from(tag))
+            .filter(|s| s.held && s.tag.state == TagState::Serving && s.tag.inflight == 0);
+        match held {
+            // Bounded: a tag is held at most once, and the list holds `depth`.
+            Some(s) if self.finished.len() < self.finished.capacity() => {
+                s.held = false;
+                self.finished.push((tag, res));
+            }
+            _ => QueueStats::bump(&self.stats.unexpected_completions, 1),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
 }
 
 pub struct Queue {
@@ -133,6 +170,12 @@ pub struct Queue {
     /// Tags the driver has not aborted yet.
     live_tags: usize,
     backend_inflight: usize,
+    /// The handler's queue-level operations in flight (`Submit::push_queue`).
+    queue_ops: usize,
+    /// See `Sq::finished`; allocated once, `depth` long.
+    finished_held: Vec<(u16, i32)>,
+    /// The handler was told the queue is ending.
+    ended: bool,
     /// UNREGISTER_IO_BUF commands in flight (they outlive their request's commit).
     unreg_inflight: usize,
     stopping: bool,
@@ -213,6 +256,7 @@ impl Queue {
                 start_ns: 0,
                 manual_reg: false,
                 copy_out_res: 0,
+                held: false,
             })
             .collect();
         Ok(Queue {
@@ -225,6 +269,9 @@ impl Queue {
             slots,
             live_tags: 0,
             backend_inflight: 0,
+            queue_ops: 0,
+            finished_held: Vec::with_capacity(usize::from(depth)),
+            ended: false,
             unreg_inflight: 0,
             stopping: false,
             requests: 0,
@@ -262,7 +309,7 @@ impl Queue {
     /// Whether the queue has nothing left to do: every tag aborted by the driver, or a stop
     /// was asked for; and no backend I/O in flight (its buffers must not be reused under it).
     pub fn finished(&self) -> bool {
-        (self.live_tags == 0 || self.stopping) && self.backend_inflight == 0
+        (self.live_tags == 0 || self.stopping) && self.backend_inflight == 0 && self.queue_ops == 0
     }
 
     /// Whether nothing of this queue is left in flight on the ring: every tag aborted by the
@@ -271,6 +318,7 @@ impl Queue {
     pub fn removable(&self) -> bool {
         self.live_tags == 0
             && self.backend_inflight == 0
+            && self.queue_ops == 0
             && self.unreg_inflight == 0
             && self.batch.as_ref().is_none_or(|b| !b.commits_in_flight())
     }
@@ -288,8 +336,20 @@ impl Queue {
         }
     }
 
-    pub fn stop(&mut self) {
+    pub fn stop(&mut self, ring: &mut Ring) {
         self.stopping = true;
+        self.end_handler(ring);
+    }
+
+    /// Tells the handler once that the queue is ending, so its queue-level operations finish.
+    fn end_handler(&mut self, ring: &mut Ring) {
+        if !self.ended && (self.stopping || self.live_tags == 0) {
+            self.ended = true;
+            self.handle(ring, |h, io| {
+                h.end(io);
+                Flow::Pending
+            });
+        }
     }
 
     /// Batch: the PREP_IO_CMDS result (`None` until it completed; always `Some(0)` per-tag).
@@ -319,6 +379,10 @@ impl Queue {
     /// completion arms the FETCH).
     pub fn start(&mut self, ring: &mut Ring) {
         self.live_tags = usize::from(self.cfg.depth);
+        self.handle(ring, |h, io| {
+            h.begin(io);
+            Flow::Pending
+        });
         if let Some(b) = self.batch.as_mut() {
             let sqe = b.prep(self.cfg.depth);
             let ud = self.ud(0, Op::BatchPrep, 0);
@@ -406,13 +470,30 @@ impl Queue {
     ) -> Flow {
         let stats = self.cfg.stats.queue(self.cfg.q);
         let mut sq = Sq {
-            ring,
+            ring: &mut *ring,
             slots: &mut self.slots,
             backend_inflight: &mut self.backend_inflight,
+            queue_ops: &mut self.queue_ops,
+            finished: &mut self.finished_held,
             stats,
             queue: self.at.slot,
+            now_ns: self.now_ns,
         };
-        f(self.handler.as_mut(), &mut sq)
+        let flow = f(self.handler.as_mut(), &mut sq);
+        self.settle_finished(ring);
+        flow
+    }
+
+    /// Commits the held requests the handler finished in its last call.
+    fn settle_finished(&mut self, ring: &mut Ring) {
+        let mut i = 0;
+        // Settling may run the handler again (never for a held tag): take one at a time.
+        while i < self.finished_held.len() {
+            let (tag, res) = self.finished_held[i];
+            i += 1;
+            self.settle(ring, tag, Flow::Done(res));
+        }
+        self.finished_held.clear();
     }
 
     fn start_request(&mut self, ring: &mut Ring, tag: u16) {
@@ -433,7 +514,8 @@ impl Queue {
     ) -> bool {
         self.now_ns = now_ns;
         let tag = ud.tag;
-        if usize::from(tag) >= self.slots.len() && ud.op != Op::BatchCommit {
+        if usize::from(tag) >= self.slots.len() && !matches!(ud.op, Op::BatchCommit | Op::Queue(_))
+        {
             return false;
         }
         match ud.op {
@@ -511,8 +593,19 @@ impl Queue {
             }
             Op::BatchFetch => self.fetched(ring, res, flags),
             Op::BatchCommit => self.batch_committed(usize::from(tag), res),
+            Op::Queue(sub) => {
+                if self.queue_ops == 0 {
+                    return false;
+                }
+                self.queue_ops -= 1;
+                self.handle(ring, |h, io| {
+                    h.complete_queue(tag, sub, res, flags, io);
+                    Flow::Pending
+                });
+            }
             Op::Wake => return false,
         }
+        self.end_handler(ring);
         true
     }
 
@@ -649,6 +742,10 @@ impl Queue {
     fn settle(&mut self, ring: &mut Ring, tag: u16, flow: Flow) {
         let s = &mut self.slots[usize::from(tag)];
         let res = match flow {
+            Flow::Held => {
+                s.held = true;
+                return;
+            }
             Flow::Pending if s.tag.inflight > 0 => return,
             Flow::Pending => {
                 debug_assert!(false, "target left tag {tag} pending with nothing in flight");

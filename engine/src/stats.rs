@@ -113,6 +113,12 @@ pub struct QueueStats {
     pub zero_copy_fallbacks: AtomicU64,
     /// Completions that matched nothing in flight (stale or unknown): never applied, logged.
     pub unexpected_completions: AtomicU64,
+    /// Remote targets: 1 while the queue's connection to its server is up, 0 while it is down.
+    pub backend_connected: AtomicU64,
+    /// Remote targets: connections re-established after a loss.
+    pub backend_reconnects: AtomicU64,
+    /// Remote targets: requests sent again on a new connection after one was lost.
+    pub backend_resent: AtomicU64,
     /// Per-op latency from the request's delivery to its commit, and errors.
     pub lat: [OpLatency; 5],
 }
@@ -136,8 +142,11 @@ pub const COUNTER_NAMES: [&str; COUNTER_WORDS] = [
     "io_time_ns",
     "zero_copy_fallbacks",
     "unexpected_completions",
+    "backend_connected",
+    "backend_reconnects",
+    "backend_resent",
 ];
-const COUNTER_WORDS: usize = 17;
+const COUNTER_WORDS: usize = 20;
 
 /// A point-in-time copy of one queue's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -177,8 +186,9 @@ impl QueueSnapshot {
 }
 
 const BLOCK: usize = std::mem::size_of::<QueueStats>();
-/// The file format's version is in the magic: v2 added `unexpected_completions`.
-const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST2");
+/// The file format's version is in the magic: v2 added `unexpected_completions`, v3 the
+/// `backend_*` connection counters.
+const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST3");
 
 impl QueueStats {
     /// Adds `n` to a counter this thread alone writes: no read-modify-write instruction.

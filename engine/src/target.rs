@@ -35,6 +35,9 @@ pub enum Flow {
     Done(i32),
     /// Backend operations are in flight; the target hears of each completion.
     Pending,
+    /// The handler keeps the request with no operation of its own in flight (it waits on a
+    /// queue-level one, e.g. a reply on a socket) and ends it later with [`Submit::finish`].
+    Held,
 }
 
 /// One request as the queue handler sees it.
@@ -88,6 +91,21 @@ pub trait Submit {
     unsafe fn push(&mut self, req: &Request, sub: u8, sqe: squeue::Entry);
     /// The queue's counters, for the target's backend operations.
     fn stats(&self) -> &QueueStats;
+    /// Queues `sqe` for the queue as a whole, not one request (a socket's receive, a timer):
+    /// its completion goes to [`QueueHandler::complete_queue`] with `token` and `sub`.
+    ///
+    /// # Safety
+    /// Every buffer `sqe` points at must stay valid until that completion; the handler's own
+    /// (boxed, so unmoving) fields and the tags' buffers do.
+    unsafe fn push_queue(&mut self, token: u16, sub: u8, sqe: squeue::Entry);
+    /// The `user_data` of the handler's queue-level operation (`token`, `sub`), to cancel it
+    /// (ASYNC_CANCEL, TIMEOUT_REMOVE pushed with [`Submit::push_queue`]).
+    fn queue_user_data(&self, token: u16, sub: u8) -> u64;
+    /// Ends a request the handler holds ([`Flow::Held`]) with `res` (bytes done or `-errno`).
+    /// A tag that is not held is ignored and counted as unexpected.
+    fn finish(&mut self, tag: u16, res: i32);
+    /// The core's clock for this loop turn (ns, CLOCK_MONOTONIC).
+    fn now_ns(&self) -> u64;
 }
 
 /// Serves one queue's requests. Lives on (and only on) that queue's thread.
@@ -95,6 +113,21 @@ pub trait QueueHandler {
     fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow;
     /// One of the SQEs this handler pushed for `req` completed with `res`.
     fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow;
+    /// The queue was handed to the driver: queue-level operations may start.
+    fn begin(&mut self, io: &mut dyn Submit) {
+        let _ = io;
+    }
+    /// One of the SQEs pushed with [`Submit::push_queue`] completed (`flags`: the CQE's).
+    fn complete_queue(&mut self, token: u16, sub: u8, res: i32, flags: u32, io: &mut dyn Submit) {
+        let _ = (token, sub, res, flags, io);
+    }
+    /// The queue is ending (a stop was asked for, or the driver aborted every tag): every
+    /// queue-level operation must complete soon (shut its socket down, cancel its timer).
+    /// Requests still held are given up: the driver requeues or fails them once the queue's
+    /// ring is gone. Called once.
+    fn end(&mut self, io: &mut dyn Submit) {
+        let _ = io;
+    }
 }
 
 pub trait Target: Send + Sync {
@@ -116,6 +149,14 @@ pub trait Target: Send + Sync {
     /// (`Request::file`).
     fn files(&self) -> Vec<RawFd> {
         Vec::new()
+    }
+    /// The most queues the target can serve (e.g. one per connection its server allows).
+    fn max_queues(&self) -> u16 {
+        u16::MAX
+    }
+    /// The largest request the backend takes, if it has a limit.
+    fn max_io_bytes(&self) -> Option<u32> {
+        None
     }
     fn queue_handler(&self, q: u16, depth: u16) -> Result<Box<dyn QueueHandler>>;
     /// Whether the device may become `bytes` long (`resize`); the error says why not.

@@ -166,6 +166,18 @@ impl QueueHandler for FaultQueue {
             None => self.inner.start(req, io),
         }
     }
+
+    fn begin(&mut self, io: &mut dyn Submit) {
+        self.inner.begin(io);
+    }
+
+    fn complete_queue(&mut self, token: u16, sub: u8, res: i32, flags: u32, io: &mut dyn Submit) {
+        self.inner.complete_queue(token, sub, res, flags, io);
+    }
+
+    fn end(&mut self, io: &mut dyn Submit) {
+        self.inner.end(io);
+    }
 }
 
 #[cfg(test)]
