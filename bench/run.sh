@@ -5,6 +5,8 @@
 #   bench/run.sh devices [RUNTIME_S] [RUNS]   -> bench/results/<date>-devices.md: 1, 4 and 16
 #     devices (null, loop on brd) at once, ublk-fast's one process vs kublk's and rublk's daemon
 #     per device (kublk: bench/build-kublk.sh builds it)
+#   bench/run.sh nbd [RUNTIME_S] [RUNS]       -> bench/results/<date>-nbd.md: ublk-fast nbd vs
+#     the kernel's nbd client (nbd-client, same connection count) on nbdkit and qemu-nbd
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
 #     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
@@ -31,7 +33,9 @@ case $which in
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
   devices) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN COUNTS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/devices.sh "bench/results/$d-devices.md" "$RT" "$RUNS" ;;
+  nbd) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+          bench/nbd.sh "bench/results/$d-nbd.md" "$RT" "$RUNS" ;;
   profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
           bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
-  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, profile)" >&2; exit 2 ;;
+  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, profile)" >&2; exit 2 ;;
 esac

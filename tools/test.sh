@@ -8,6 +8,8 @@ cd "$(dirname "$(readlink -f "$0")")/.."
 t0=$(date +%s)
 step() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 
+step "host packages (the tools the tests drive: fio, nbdkit, qemu-nbd, ...)"
+tools/vm/setup.sh --packages
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"

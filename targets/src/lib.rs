@@ -2,8 +2,10 @@
 
 pub mod fault;
 pub mod loop_target;
+pub mod nbd;
 pub mod null;
 
 pub use fault::{FaultSpec, FaultTarget};
 pub use loop_target::{LoopOptions, LoopTarget};
+pub use nbd::{NbdOptions, NbdTarget};
 pub use null::NullTarget;

@@ -9,9 +9,11 @@ use std::time::Duration;
 use ublk_fast_engine::cpus::parse_cpu_list;
 use ublk_fast_engine::device::DeviceConfig;
 use ublk_fast_engine::target::Target;
-use ublk_fast_targets::{FaultSpec, FaultTarget, LoopOptions, LoopTarget, NullTarget};
+use ublk_fast_targets::{
+    FaultSpec, FaultTarget, LoopOptions, LoopTarget, NbdOptions, NbdTarget, NullTarget,
+};
 
-use crate::cli::{AddOpts, FaultArgs, InnerTarget, LoopArgs, NullArgs, TargetCmd};
+use crate::cli::{AddOpts, FaultArgs, InnerTarget, LoopArgs, NbdArgs, NullArgs, TargetCmd};
 use crate::{record, size, CliError};
 
 fn null_target(a: &NullArgs) -> Result<Arc<dyn Target>, CliError> {
@@ -45,6 +47,16 @@ fn loop_target(
     Ok(Arc::new(t.map_err(|e| CliError::usage(e.to_string()))?))
 }
 
+fn nbd_target(a: &NbdArgs) -> Result<Arc<dyn Target>, CliError> {
+    let opts = NbdOptions {
+        connections: a.connections,
+        reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+        ..NbdOptions::default()
+    };
+    let t = NbdTarget::connect(&a.uri, &opts).map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(Arc::new(t))
+}
+
 fn fault_target(
     f: &FaultArgs,
     cwd: &Path,
@@ -68,6 +80,19 @@ fn fault_target(
     Ok(Arc::new(FaultTarget::new(inner, spec)))
 }
 
+/// The CLI's check of a target before it asks the service for the device: opens it (its files
+/// then go to the service), except `nbd`, whose URI is only parsed here: the service makes
+/// the connections (a server limited to one client, or one that exits when its first client
+/// leaves, must not meet a probe of ours first).
+pub fn precheck(t: &TargetCmd, cwd: &Path) -> Result<Option<Arc<dyn Target>>, CliError> {
+    if let TargetCmd::Nbd(a) = t {
+        ublk_fast_targets::nbd::uri::NbdUri::parse(&a.uri)
+            .map_err(|e| CliError::usage(e.to_string()))?;
+        return Ok(None);
+    }
+    target(t, cwd).map(Some)
+}
+
 /// Builds (opens) the target; relative paths are taken from `cwd`.
 pub fn target(t: &TargetCmd, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
     target_with(t, cwd, Vec::new())
@@ -85,6 +110,7 @@ pub fn target_with(
         TargetCmd::Null(a) => null_target(a),
         TargetCmd::Loop(a) => loop_target(a, cwd, &mut given),
         TargetCmd::Fault(f) => fault_target(f, cwd, &mut given),
+        TargetCmd::Nbd(a) => nbd_target(a),
     }
 }
 

@@ -348,6 +348,8 @@ pub enum TargetCmd {
     Loop(LoopArgs),
     /// Another target with injected faults: fail and/or delay every Nth request of an op
     Fault(FaultArgs),
+    /// Serve an export of an NBD server (nbdkit, qemu-nbd, ...) over TCP or a Unix socket
+    Nbd(NbdArgs),
 }
 
 /// The targets `fault` can wrap.
@@ -458,11 +460,27 @@ pub struct LoopArgs {
     pub no_discard: bool,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct NbdArgs {
+    #[command(flatten)]
+    pub opts: AddOpts,
+    /// The export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH
+    pub uri: String,
+    /// At most this many connections (one per queue; servers without CAN_MULTI_CONN get one)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub connections: Option<u16>,
+    /// After losing the server, fail pending I/O with EIO after this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub reconnect_timeout: u64,
+}
+
 impl TargetCmd {
     /// The device options given after the target name (and, for `fault`, after the inner one).
     pub fn opts(&self) -> Result<AddOpts, String> {
         match self {
             TargetCmd::Null(a) => Ok(a.opts.clone()),
+            TargetCmd::Nbd(a) => Ok(a.opts.clone()),
             TargetCmd::Loop(a) => Ok(a.opts.clone()),
             TargetCmd::Fault(f) => f.opts.clone().merged(match &f.inner {
                 InnerTarget::Null(a) => a.opts.clone(),

@@ -134,7 +134,7 @@ fn add(opts: AddOpts, target: TargetCmd, argv: Vec<String>) -> Result<(), CliErr
         .map_err(|e| CliError::runtime(format!("current directory: {e}")))?;
     // Refuse a target that cannot be opened before anything starts; the files it opened go to
     // the service with the request (it serves from its own mount namespace).
-    let opened = build::target(&target, &cwd)?;
+    let opened = build::precheck(&target, &cwd)?;
     let op = proto::Op::Add { argv, cwd: cwd.to_string_lossy().into_owned() };
     if opts.foreground {
         if let Some(st) = client::status() {
@@ -163,7 +163,8 @@ fn add(opts: AddOpts, target: TargetCmd, argv: Vec<String>) -> Result<(), CliErr
             )));
         }
     }
-    let r = client::call_with_fds(op, &opened.files())
+    let fds = opened.as_ref().map(|t| t.files()).unwrap_or_default();
+    let r = client::call_with_fds(op, &fds)
         .unwrap_or_else(|| Err(CliError::runtime("the service went away before the request")))?;
     drop(opened);
     print_notices(&r);

@@ -125,6 +125,27 @@ const COUNTERS: &[(&str, &str, &str, &str, f64)] = &[
         1.0,
     ),
     (
+        "backend_connected",
+        "Remote targets (nbd): 1 while the queue's connection to its server is up, 0 while it is down.",
+        "gauge",
+        "backend_connected",
+        1.0,
+    ),
+    (
+        "backend_reconnects_total",
+        "Remote targets (nbd): connections re-established after a loss.",
+        "counter",
+        "backend_reconnects",
+        1.0,
+    ),
+    (
+        "backend_resent_total",
+        "Remote targets (nbd): requests sent again on a new connection after one was lost.",
+        "counter",
+        "backend_resent",
+        1.0,
+    ),
+    (
         "backend_dsync_writes_total",
         "Writes issued to the backing store with RWF_DSYNC.",
         "counter",

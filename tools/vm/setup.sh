@@ -13,6 +13,7 @@
 # packages are installed (dpkg -s) and rebuilds the initramfs if tools/vm/init
 # changed: a second run takes about a second.
 #
+# Usage: setup.sh [--packages]   (--packages: install the host packages only)
 # Environment: UBLK_FAST_VM_DIR, SUITE (default trixie-backports),
 #   FLAVOUR (cloud-amd64 | amd64), QEMU10=1|0, MIRROR (Debian mirror URL),
 #   FORCE=1 (redo everything).
@@ -25,7 +26,7 @@ FLAVOUR=${FLAVOUR:-cloud-amd64}
 QEMU10=${QEMU10:-1}
 FORCE=${FORCE:-0}
 HOST_PKGS="qemu-system-x86 qemu-system-common fio busybox-static cpio kmod xz-utils zstd
-  util-linux e2fsprogs xfsprogs python3 procps prometheus"
+  util-linux e2fsprogs xfsprogs python3 procps prometheus nbdkit nbd-client qemu-utils"
 t0=$EPOCHREALTIME
 step() { printf 'setup: [%6ss] %s\n' "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')" "$*"; }
 
@@ -59,6 +60,8 @@ if [ ! -x /usr/lib/qemu/virtiofsd ] && [ ! -x /usr/libexec/virtiofsd ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends virtiofsd >/dev/null
 fi
+# --packages: only the host packages (tools/test.sh: the host tests use nbdkit and qemu-nbd too)
+[ "${1:-}" = --packages ] && { step "host packages only: done"; exit 0; }
 
 # build_initramfs KVER: static busybox + init + uncompressed overlay.ko
 build_initramfs() {
