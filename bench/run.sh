@@ -7,6 +7,8 @@
 #     per device (kublk: bench/build-kublk.sh builds it)
 #   bench/run.sh nbd [RUNTIME_S] [RUNS]       -> bench/results/<date>-nbd.md: ublk-fast nbd vs
 #     the kernel's nbd client (nbd-client, same connection count) on nbdkit and qemu-nbd
+#   bench/run.sh latency [RUNTIME_S] [RUNS] [POLL_US] -> bench/results/<date>-latency.md: the
+#     latency mode (--poll-us) at qd1/qd4 against null_blk and kernel loop on brd
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
 #     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
@@ -35,7 +37,9 @@ case $which in
           bench/devices.sh "bench/results/$d-devices.md" "$RT" "$RUNS" ;;
   nbd) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/nbd.sh "bench/results/$d-nbd.md" "$RT" "$RUNS" ;;
+  latency) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+          bench/latency.sh "bench/results/$d-latency.md" "$RT" "$RUNS" "${4:-50}" ;;
   profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
           bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
-  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, profile)" >&2; exit 2 ;;
+  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, latency, profile)" >&2; exit 2 ;;
 esac

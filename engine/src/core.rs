@@ -185,7 +185,17 @@ pub struct Core {
     now_ns: u64,
     /// Bounds the core's own log lines (unexpected completions).
     log_budget: RateLimit,
+    /// Latency mode: the last turn dispatched completions (polling only follows busy turns).
+    turn_busy: bool,
+    /// Polls in a row that ran out; past `POLL_PROBE` only every `POLL_PROBE`th busy turn polls.
+    poll_misses: u32,
+    turns: u32,
+    /// The once-a-second timer's timespec (boxed: the kernel reads it when the SQE is issued).
+    tick: Box<types::Timespec>,
 }
+
+/// After this many polls in a row that found nothing, poll on one busy turn in this many.
+const POLL_PROBE: u32 = 8;
 
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -221,9 +231,33 @@ impl Core {
             stopping: false,
             now_ns: monotonic_ns(),
             log_budget: RateLimit::default(),
+            turn_busy: false,
+            poll_misses: 0,
+            turns: 0,
+            tick: Box::new(types::Timespec::new().sec(1)),
         };
         core.arm_wake();
+        core.arm_tick();
         Ok(core)
+    }
+
+    /// The slow-I/O check's timer: once a second, so a core waiting on a stuck backend still
+    /// looks at its requests' ages.
+    fn arm_tick(&mut self) {
+        let ud = UserData::new(u16::MAX, 0, Op::Tick, 0);
+        let sqe = opcode::Timeout::new(&*self.tick).build().user_data(ud.encode());
+        // SAFETY: the timespec is boxed in the Core, which drops its ring first.
+        unsafe { self.ring.push(&sqe) };
+    }
+
+    fn tick(&mut self) {
+        let now = monotonic_ns();
+        for s in self.seats.iter_mut().flatten() {
+            s.queue.check_slow(now);
+        }
+        if !self.stopping {
+            self.arm_tick();
+        }
     }
 
     fn arm_wake(&mut self) {
@@ -429,7 +463,10 @@ impl Core {
                 return Ok(());
             }
             self.check_ring()?;
-            self.enter(want)?;
+            match self.poll_window() {
+                Some(ns) if self.poll(ns)? => {}
+                _ => self.enter(want)?,
+            }
             let now = monotonic_ns();
             for s in self.seats.iter().flatten() {
                 let st = s.queue.stats();
@@ -444,6 +481,56 @@ impl Core {
         }
     }
 
+    /// Latency mode: how long to poll before this turn's sleep, if at all. Only after a busy
+    /// turn, only while a seated queue asks for it, and rarely once polls keep running out.
+    fn poll_window(&mut self) -> Option<u64> {
+        if !self.turn_busy || self.stopping {
+            return None;
+        }
+        let us = self.seats.iter().flatten().map(|s| s.queue.poll_us()).max().unwrap_or(0);
+        if us == 0 {
+            return None;
+        }
+        self.turns = self.turns.wrapping_add(1);
+        if self.poll_misses >= POLL_PROBE && !self.turns.is_multiple_of(POLL_PROBE) {
+            return None;
+        }
+        Some(u64::from(us) * 1000)
+    }
+
+    /// Submits, then reaps without sleeping for up to `ns`: true if a completion arrived (the
+    /// wake-up a sleep would have cost is saved), false if the window ran out.
+    fn poll(&mut self, ns: u64) -> Result<bool> {
+        let t0 = monotonic_ns();
+        let mut now = t0;
+        let hit = loop {
+            match self.ring.submit_and_wait(0) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(Error::os("io_uring_enter", e)),
+            }
+            if !self.ring.uring.completion().is_empty() {
+                break true;
+            }
+            now = monotonic_ns();
+            if now.saturating_sub(t0) >= ns {
+                break false;
+            }
+            std::hint::spin_loop();
+        };
+        if let Some(s) = self.seats.iter().flatten().next() {
+            let st = s.queue.stats();
+            QueueStats::bump(&st.poll_ns, now.saturating_sub(t0));
+            QueueStats::bump(if hit { &st.poll_hits } else { &st.poll_misses }, 1);
+        }
+        self.poll_misses = if hit { 0 } else { self.poll_misses.saturating_add(1) };
+        Ok(hit)
+    }
+
     /// Copies a bounded batch of CQEs out of the ring, then dispatches each.
     fn drain(&mut self) {
         self.cqes.clear();
@@ -451,6 +538,9 @@ impl Core {
         self.cqes.extend(
             self.ring.uring.completion().take(cap).map(|c| (c.user_data(), c.result(), c.flags())),
         );
+        let wake = UserData::new(u16::MAX, 0, Op::Wake, 0).encode();
+        let tick = UserData::new(u16::MAX, 0, Op::Tick, 0).encode();
+        self.turn_busy = self.cqes.iter().any(|c| c.0 != wake && c.0 != tick);
         for i in 0..self.cqes.len() {
             let (raw, res, flags) = self.cqes[i];
             self.dispatch(raw, res, flags);
@@ -463,6 +553,9 @@ impl Core {
         };
         if ud.op == Op::Wake {
             return self.read_mailbox();
+        }
+        if ud.op == Op::Tick {
+            return self.tick();
         }
         let now = self.now_ns;
         let Some(Some(s)) = self.seats.get_mut(usize::from(ud.queue)) else {

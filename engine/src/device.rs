@@ -43,6 +43,11 @@ pub struct DeviceConfig {
     pub batch: bool,
     /// UBLK_F_NO_AUTO_PART_SCAN: the kernel does not look for partitions when it starts.
     pub no_part_scan: bool,
+    /// Latency mode: the cores serving the device poll this long (µs) after a busy loop turn
+    /// before they sleep (0: off). A core polls as long as its longest-polling queue asks.
+    pub poll_us: u32,
+    /// Requests outstanding longer than this (ms) are logged once and counted (0: never).
+    pub slow_io_ms: u32,
 }
 
 /// Decides the engine mode from what was asked, the driver's features and the target.
@@ -483,6 +488,8 @@ impl Device {
                 files: target.files(),
                 stats: Arc::clone(&stats),
                 mode: self.mode,
+                poll_us: cfg.poll_us,
+                slow_io_ms: cfg.slow_io_ms,
             };
             let cpu = self.queue_cpus[usize::from(q)];
             let setup = pool.add_queue(cpu, qcfg, Arc::clone(&target)).map_err(|e| e.dev(id))?;
@@ -686,6 +693,8 @@ mod tests {
             user_copy: false,
             batch: false,
             no_part_scan: false,
+            poll_us: 0,
+            slow_io_ms: 5000,
         };
         let info = ublksrv_ctrl_dev_info {
             nr_hw_queues: 2,

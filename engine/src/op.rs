@@ -32,6 +32,8 @@ pub enum Op {
     /// A queue-level operation of the target (not tied to a request), with its sub-op byte;
     /// `UserData::tag` carries the target's token.
     Queue(u8),
+    /// The core's once-a-second timer (slow-I/O checks); not tied to a queue.
+    Tick,
 }
 
 impl Op {
@@ -48,6 +50,7 @@ impl Op {
             Op::CopyOut => (8, 0),
             Op::Wake => (9, 0),
             Op::Queue(sub) => (10, sub),
+            Op::Tick => (11, 0),
         }
     }
 
@@ -64,6 +67,7 @@ impl Op {
             8 => Op::CopyOut,
             9 => Op::Wake,
             10 => Op::Queue(sub),
+            11 => Op::Tick,
             _ => return None,
         })
     }
@@ -120,6 +124,7 @@ mod tests {
             Op::Wake,
             Op::Queue(0),
             Op::Queue(200),
+            Op::Tick,
         ];
         for (i, op) in ops.into_iter().enumerate() {
             for (queue, tag, gen) in [(0u16, 0u16, 0u16), (65535, 4095, 65535), (7, 65535, 1)] {
@@ -127,7 +132,7 @@ mod tests {
                 assert_eq!(UserData::decode(u.encode()), Some(u));
             }
         }
-        assert_eq!(UserData::decode(11 << 16), None);
+        assert_eq!(UserData::decode(12 << 16), None);
         assert_eq!(UserData::decode(u64::MAX), None);
     }
 }

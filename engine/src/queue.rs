@@ -37,6 +37,10 @@ pub struct QueueConfig {
     pub files: Vec<RawFd>,
     pub stats: Arc<StatsRegion>,
     pub mode: Mode,
+    /// Latency mode: how long the core polls after a busy turn (µs; 0: off).
+    pub poll_us: u32,
+    /// A request outstanding longer than this (ms) is logged once and counted (0: never).
+    pub slow_io_ms: u32,
 }
 
 /// Where a queue's share of its core ring's tables lies.
@@ -65,6 +69,19 @@ struct Slot {
     copy_out_res: i32,
     /// The handler holds the request ([`Flow::Held`]) until it calls `Submit::finish`.
     held: bool,
+    /// The current request was reported slow.
+    slow: bool,
+}
+
+fn op_name(op: u8) -> &'static str {
+    match op {
+        UBLK_IO_OP_READ => "READ",
+        UBLK_IO_OP_WRITE => "WRITE",
+        UBLK_IO_OP_FLUSH => "FLUSH",
+        UBLK_IO_OP_DISCARD => "DISCARD",
+        UBLK_IO_OP_WRITE_ZEROES => "WRITE_ZEROES",
+        _ => "op",
+    }
 }
 
 /// Counts a committed request by op.
@@ -257,6 +274,7 @@ impl Queue {
                 manual_reg: false,
                 copy_out_res: 0,
                 held: false,
+                slow: false,
             })
             .collect();
         Ok(Queue {
@@ -321,6 +339,43 @@ impl Queue {
             && self.queue_ops == 0
             && self.unreg_inflight == 0
             && self.batch.as_ref().is_none_or(|b| !b.commits_in_flight())
+    }
+
+    pub fn poll_us(&self) -> u32 {
+        self.cfg.poll_us
+    }
+
+    /// The core's once-a-second check: publishes the oldest request's age, and logs (once
+    /// each, rate-limited) and counts the requests outstanding past the slow-I/O threshold.
+    /// They are not failed: in zero copy their pages are the backend's until it is done.
+    pub fn check_slow(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+        let limit = u64::from(self.cfg.slow_io_ms) * 1_000_000;
+        let mut oldest = 0;
+        for t in 0..self.slots.len() {
+            let s = &self.slots[t];
+            if s.tag.state != TagState::Serving {
+                continue;
+            }
+            let age = now_ns.saturating_sub(s.start_ns);
+            oldest = oldest.max(age);
+            if limit == 0 || age < limit || s.slow {
+                continue;
+            }
+            self.slots[t].slow = true;
+            QueueStats::bump(&self.stats().slow_ios, 1);
+            let d = self.slots[t].req.desc;
+            let op = op_name(d.op());
+            let msg = format!(
+                "slow I/O: {op} of {} bytes at offset {} outstanding for {} ms (--slow-io-ms {})",
+                u64::from(d.nr_sectors) * 512,
+                d.start_sector * 512,
+                age / 1_000_000,
+                self.cfg.slow_io_ms
+            );
+            self.warn(Some(t as u16), &msg);
+        }
+        self.stats().oldest_io_ns.store(oldest, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// (device, queue), for reports.
@@ -603,7 +658,7 @@ impl Queue {
                     Flow::Pending
                 });
             }
-            Op::Wake => return false,
+            Op::Wake | Op::Tick => return false,
         }
         self.end_handler(ring);
         true
@@ -629,6 +684,7 @@ impl Queue {
         let s = &mut self.slots[usize::from(tag)];
         s.tag.deliver();
         s.start_ns = self.now_ns;
+        s.slow = false;
         s.req.desc = desc;
         self.requests += 1;
         let stats = self.cfg.stats.queue(self.cfg.q);

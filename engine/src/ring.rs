@@ -100,7 +100,9 @@ impl Enter {
         self.flags & IORING_ENTER_REGISTERED_RING != 0
     }
 
-    /// Submits what is queued and waits for at least `want` completions: one syscall.
+    /// Submits what is queued and waits for at least `want` completions: one syscall. With
+    /// `want` 0 it returns at once, after running the ring's deferred completion work (so a
+    /// poll sees every completion that is ready).
     pub fn submit_and_wait(&self, ring: &mut IoUring, want: u32) -> io::Result<usize> {
         let mut sq = ring.submission();
         sq.sync();
@@ -118,9 +120,8 @@ impl Enter {
             pending
         };
         drop(sq);
-        if want > 0 {
-            flags |= IORING_ENTER_GETEVENTS;
-        }
+        // GETEVENTS also with `want` 0: DEFER_TASKRUN posts completions only then.
+        flags |= IORING_ENTER_GETEVENTS;
         // SAFETY: io_uring_enter on our own ring with no signal mask or extended argument;
         // every SQE it submits was pushed under Ring::push's contract.
         let r = unsafe {

@@ -119,6 +119,17 @@ pub struct QueueStats {
     pub backend_reconnects: AtomicU64,
     /// Remote targets: requests sent again on a new connection after one was lost.
     pub backend_resent: AtomicU64,
+    /// Latency mode (counted on the first queue of each core, like `ring_enters`): time spent
+    /// polling after busy turns, and the polls a completion ended (a sleep and wake-up saved)
+    /// or that ran out.
+    pub poll_ns: AtomicU64,
+    pub poll_hits: AtomicU64,
+    pub poll_misses: AtomicU64,
+    /// Requests outstanding longer than the device's slow-I/O threshold (each counted once).
+    pub slow_ios: AtomicU64,
+    /// The age of the oldest request in flight (ns), as of the core's last check (every
+    /// second); 0 when none.
+    pub oldest_io_ns: AtomicU64,
     /// Per-op latency from the request's delivery to its commit, and errors.
     pub lat: [OpLatency; 5],
 }
@@ -145,8 +156,13 @@ pub const COUNTER_NAMES: [&str; COUNTER_WORDS] = [
     "backend_connected",
     "backend_reconnects",
     "backend_resent",
+    "poll_ns",
+    "poll_hits",
+    "poll_misses",
+    "slow_ios",
+    "oldest_io_ns",
 ];
-const COUNTER_WORDS: usize = 20;
+const COUNTER_WORDS: usize = 25;
 
 /// A point-in-time copy of one queue's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -187,7 +203,7 @@ impl QueueSnapshot {
 
 const BLOCK: usize = std::mem::size_of::<QueueStats>();
 /// The file format's version is in the magic: v2 added `unexpected_completions`, v3 the
-/// `backend_*` connection counters.
+/// `backend_*` connection counters and the `poll_*` latency-mode counters.
 const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST3");
 
 impl QueueStats {

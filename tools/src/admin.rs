@@ -39,6 +39,9 @@ pub struct DevRow {
     pub stats: Option<std::collections::BTreeMap<&'static str, u64>>,
     /// Requests each queue has completed (empty if the daemon publishes no counters).
     pub queue_requests: Vec<u64>,
+    /// The age of each queue's oldest request in flight (ms, as of the last once-a-second
+    /// check; 0: none).
+    pub queue_oldest_io_ms: Vec<u64>,
 }
 
 /// Requests completed by each queue of a daemon's stats file.
@@ -49,14 +52,32 @@ fn queue_requests(id: u32) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Sums the per-queue counters of a daemon's stats file.
+/// Each queue's oldest request in flight, in ms.
+fn queue_oldest_io_ms(id: u32) -> Vec<u64> {
+    StatsRegion::read_file(&record::stats_path(id))
+        .map(|rows| rows.iter().map(|r| r.counter("oldest_io_ns") / 1_000_000).collect())
+        .unwrap_or_default()
+}
+
+/// Sums the per-queue counters of a daemon's stats file (the oldest request's age: the
+/// largest).
 fn stats(id: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
     let rows = StatsRegion::read_file(&record::stats_path(id))?;
     Some(
         COUNTER_NAMES
             .iter()
             .enumerate()
-            .map(|(i, n)| (*n, rows.iter().map(|r| r.counters[i]).fold(0u64, u64::wrapping_add)))
+            .map(|(i, n)| {
+                let v = rows.iter().map(|r| r.counters[i]);
+                (
+                    *n,
+                    if *n == "oldest_io_ns" {
+                        v.max().unwrap_or(0)
+                    } else {
+                        v.fold(0u64, u64::wrapping_add)
+                    },
+                )
+            })
             .collect(),
     )
 }
@@ -98,6 +119,7 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         flag_bits: info.flags,
         stats: stats(id),
         queue_requests: queue_requests(id),
+        queue_oldest_io_ms: queue_oldest_io_ms(id),
     })
 }
 

@@ -161,6 +161,8 @@ pub fn device_config(opts: &AddOpts, service_cpus: &[usize]) -> Result<DeviceCon
         user_copy: opts.user_copy,
         batch: opts.batch_io,
         no_part_scan: opts.no_part_scan,
+        poll_us: opts.poll_us.unwrap_or(0),
+        slow_io_ms: opts.slow_io_ms.unwrap_or(5000),
     })
 }
 

@@ -202,6 +202,14 @@ pub struct AddOpts {
     /// the target name, so the pair is checked once the options are merged)
     #[arg(long, value_name = "CPU")]
     pub sqpoll_cpu: Option<u32>,
+    /// Latency mode: after a busy loop turn, the cores serving the device keep reaping for up
+    /// to this many µs before they sleep, so a request arriving then costs no wake-up
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub poll_us: Option<u32>,
+    /// Log (once each) and count requests outstanding longer than this many ms [default: 5000;
+    /// 0: never]
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(0..=3_600_000))]
+    pub slow_io_ms: Option<u32>,
 }
 
 impl AddOpts {
@@ -218,6 +226,8 @@ impl AddOpts {
             && !self.user_copy
             && !self.batch_io
             && self.sqpoll_cpu.is_none()
+            && self.poll_us.is_none()
+            && self.slow_io_ms.is_none()
             && !self.z
             && !self.no_part_scan
             && self.r.is_none()
@@ -258,6 +268,8 @@ impl AddOpts {
             recovery: one("--recovery", self.recovery, other.recovery)?,
             sqpoll: one("--sqpoll", self.sqpoll, other.sqpoll)?,
             sqpoll_cpu: one("--sqpoll-cpu", self.sqpoll_cpu, other.sqpoll_cpu)?,
+            poll_us: one("--poll-us", self.poll_us, other.poll_us)?,
+            slow_io_ms: one("--slow-io-ms", self.slow_io_ms, other.slow_io_ms)?,
             z: self.z || other.z,
             no_part_scan: self.no_part_scan || other.no_part_scan,
             r: one("-r", self.r, other.r)?,

@@ -60,6 +60,32 @@ const IDLE_GRACE: Duration = Duration::from_secs(30);
 const LOCK_WAIT: Duration = Duration::from_secs(15);
 /// How long QUIESCE_DEV may wait for a device's I/O at SIGTERM.
 const SHUTDOWN_QUIESCE_MS: u64 = 30_000;
+/// How long the service may take to end (I/O in flight draining, devices deleted or quiesced)
+/// before it exits anyway: the driver then fails what is left of plain devices' I/O and keeps
+/// `--recovery` devices for the next service, as after a crash.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Bounds the end of the service: a stuck backend (a hung NFS file, a vanished NBD server)
+/// must not keep `systemctl stop` waiting forever.
+fn drain_watchdog() {
+    let limit = std::env::var("UBLK_FAST_DRAIN_LIMIT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DRAIN_LIMIT, Duration::from_secs);
+    let spawned = std::thread::Builder::new().name("drain-watchdog".into()).spawn(move || {
+        std::thread::sleep(limit);
+        log::error!(
+            "in-flight I/O did not drain within {} s: exiting now; the driver fails what is left \
+             (devices without --recovery) or keeps it for the next service (--recovery)",
+            limit.as_secs()
+        );
+        log::logger().flush();
+        std::process::exit(1);
+    });
+    if let Err(e) = spawned {
+        warn(format!("cannot start the drain watchdog: {e}"));
+    }
+}
 
 pub fn socket_path() -> PathBuf {
     record::run_dir().join("control.sock")
@@ -228,8 +254,45 @@ impl Node {
         let (opts, target_cmd) = parse_device_argv(&argv).map_err(CliError::usage)?;
         let cfg = build::device_config(&opts, &self.opts.cpus)?;
         let target = build::target_with(&target_cmd, cwd, files)?;
-        let dev = Device::create(&cfg, Arc::clone(&target), &self.pool, &mut |_| {})
-            .map_err(|e| CliError::runtime(e.to_string()))?;
+        // The record is written as soon as the kernel knows the device (not once it serves):
+        // a crash in between then leaves a device the next service finds and deals with
+        // (takes over with --recovery, deletes without), never an unrecorded one.
+        let mut recorded = None;
+        let created = Device::create(&cfg, Arc::clone(&target), &self.pool, &mut |id| {
+            let rec = Record {
+                id,
+                pid: std::process::id() as i32,
+                target: target.name().to_string(),
+                args: target.args(),
+                backing: target.backing().unwrap_or_default(),
+                queues: cfg.queues,
+                depth: cfg.depth,
+                queue_cpus: Vec::new(),
+                queue_affinity: Vec::new(),
+                argv: argv.clone(),
+                cwd: cwd.to_string_lossy().into_owned(),
+                setup: "being created".into(),
+                backing_id: target.backing().and_then(|p| record::BackingId::of(&p).ok()),
+            };
+            if let Err(e) = rec.save() {
+                warn(format!("cannot write {}: {e}", record::path(id).display()));
+            }
+            recorded = Some(id);
+            if std::env::var_os("UBLK_FAST_TEST_CRASH_AFTER_ADD").is_some() {
+                // Test hook: a crash between ADD_DEV and the device serving.
+                std::process::abort();
+            }
+        });
+        let dev = match created {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing is left of the device: nor of its record.
+                if let Some(id) = recorded {
+                    Record::remove(id);
+                }
+                return Err(CliError::runtime(e.to_string()));
+            }
+        };
         let id = dev.id();
         let notices = dev.notices.clone();
         self.serve(dev, target, argv, cwd);
@@ -451,6 +514,16 @@ impl Node {
             }
             let Ok(info) = c.dev_info(id) else { continue };
             if rec.pid == std::process::id() as i32 || admin::process_alive(info.ublksrv_pid) {
+                continue;
+            }
+            if info.state == UBLK_S_DEV_DEAD && !admin::process_alive(rec.pid) {
+                // Its service died while creating it: it never served, nobody has its data.
+                log(format!(
+                    "dev {id}: its service (pid {}) died while creating it: deleting it",
+                    rec.pid
+                ));
+                let _ = admin::del_one(&mut c, id);
+                Record::remove(id);
                 continue;
             }
             if info.flags & UBLK_F_USER_RECOVERY != 0 {
@@ -718,6 +791,7 @@ fn run(opts: ServeOpts, mut ready: Option<File>, first: Option<Op>) -> Result<()
         }
     };
     log(format!("ending ({why:?})"));
+    drain_watchdog();
     finish(&node, &stop, why);
     let _ = control.join();
     Ok(())

@@ -453,3 +453,49 @@ fn ext4_in_every_engine_mode() {
     rm(&f);
     let _ = std::fs::remove_dir_all(src);
 }
+
+/// A backing device that answers slowly (dm-delay, 1.5 s per request): the request is logged
+/// once as slow (past --slow-io-ms), counted, and `list --json` shows the oldest request's age
+/// while it waits; it still completes, with its data.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn slow_backend_io_is_logged_counted_and_its_age_shown() {
+    require_driver();
+    if sh_any("modprobe dm_delay").status.code() != Some(0) {
+        skip("this kernel has no dm_delay");
+        return;
+    }
+    let f = backing("slow", 64, "/dev/zero");
+    let kl = KLoop::new(&f);
+    let name = "ublk-fast-it-slow";
+    let sectors = 64 * 2048;
+    sh(&format!("dmsetup create {name} --table '0 {sectors} delay {} 0 1500'", kl.0));
+    let mapper = format!("/dev/mapper/{name}");
+    let dev = Dev::add(&["loop", &mapper, "--slow-io-ms", "500", "-q", "1", "--no-part-scan"]);
+    let before = dev.stat("slow_ios");
+    let writer = std::process::Command::new("dd")
+        .args(["if=/dev/urandom", &format!("of={}", dev.path), "bs=4k", "count=1", "oflag=direct"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let oldest = dev.info()["queue_oldest_io_ms"][0].as_u64().unwrap_or(0);
+    let out = writer.wait_with_output().unwrap();
+    assert!(out.status.success(), "the slow write failed");
+    // Its check runs every second: wait for the one after the write completed.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let slow = dev.stat("slow_ios") - before;
+    let after = dev.info()["queue_oldest_io_ms"][0].as_u64().unwrap_or(u64::MAX);
+    let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
+    let line = log.lines().rev().find(|l| l.contains("slow I/O")).unwrap_or("").to_string();
+    println!("1.5 s write: oldest in flight seen {oldest} ms, then {after} ms; slow_ios +{slow}");
+    println!("log: {line}");
+    assert!(oldest >= 500, "list --json showed the oldest request at {oldest} ms");
+    assert_eq!(after, 0, "the oldest-age gauge did not fall back to 0");
+    assert!(slow >= 1, "the slow write was not counted");
+    assert!(line.contains(&format!("dev {}", dev.id)) && line.contains("WRITE"), "{line}");
+    dev.del();
+    sh(&format!("dmsetup remove {name}"));
+    drop(kl);
+    rm(&f);
+}

@@ -166,6 +166,9 @@ fn every_declared_metric_is_updated_by_its_code_path() {
             || name == "ublk_fast_zero_copy_fallbacks_total"
             || name.starts_with("ublk_fast_backend_connected")
             || name.starts_with("ublk_fast_backend_re")
+            || name.starts_with("ublk_fast_poll_")
+            || name == "ublk_fast_slow_ios_total"
+            || name == "ublk_fast_oldest_io_seconds"
         {
             continue;
         }

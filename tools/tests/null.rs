@@ -1,10 +1,12 @@
-//! The null target against the real driver: size, zeros, fio, list, del, foreground.
+//! The null target against the real driver: size, zeros, fio, list, del, foreground; and the
+//! engine's latency mode (--poll-us, on a loop device so that data is verified).
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -250,4 +252,53 @@ fn zero_copy_on_is_honoured_or_refused() {
         check_refused(&format!("{} null --zero-copy on", bin()), "does not offer AUTO_BUF_REG");
     }
     check_refused(&format!("{} null --zero-copy maybe", bin()), "invalid value 'maybe'");
+}
+
+/// The service's CPU time so far (user + system), in clock ticks.
+fn service_ticks() -> u64 {
+    daemons()
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|s| {
+            let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Latency mode: with --poll-us the core reaps the next qd1 request without sleeping (polls
+/// that a completion ended are counted), data stays right, and an idle device costs no CPU.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn poll_us_saves_wake_ups_and_costs_nothing_when_idle() {
+    let img = "/tmp/ublk-fast-it-poll.img";
+    sh(&format!("truncate -s 0 {img} && truncate -s 64M {img}"));
+    let dev = Dev::add(&["loop", img, "--poll-us", "200", "-q", "1"]);
+    let r = fio(&[
+        "--name=poll",
+        &format!("--filename={}", dev.path),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=1",
+        "--size=8M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+    ]);
+    assert_eq!(fio_totals(&r).1, 0);
+    let (hits, misses, ns) = (dev.stat("poll_hits"), dev.stat("poll_misses"), dev.stat("poll_ns"));
+    println!("qd1 randwrite + verify: polls ended by a completion {hits}, ran out {misses}, {ns} ns polling");
+    assert!(hits > 0, "no poll ever caught a request");
+    // Idle: no request, so no busy turn, so no polling.
+    let t0 = service_ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = service_ticks() - t0;
+    let after = dev.stat("poll_ns");
+    println!("idle 3 s: service CPU {idle} ticks, polling {} ns more", after - ns);
+    assert!(idle <= 10, "the idle service used {idle} ticks of CPU in 3 s");
+    dev.del();
+    let _ = std::fs::remove_file(img);
 }
