@@ -15,13 +15,15 @@ pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
     for part in s.split(',') {
         let part = part.trim();
         let num = |t: &str| -> std::result::Result<usize, String> {
-            t.trim().parse::<usize>().map_err(|_| format!("`{t}` is not a CPU number"))
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{}` is not a CPU number", t.escape_debug()))
         };
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b) = (num(a)?, num(b)?);
                 if a > b {
-                    return Err(format!("range `{part}` runs backwards"));
+                    return Err(format!("range `{}` runs backwards", part.escape_debug()));
                 }
                 if b >= 65536 {
                     return Err(format!("CPU {b} is out of range"));

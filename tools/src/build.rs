@@ -186,3 +186,48 @@ mod tests {
         assert!(e.msg.contains("CPU 2 is not one of the service's CPUs"), "{}", e.msg);
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Lists as users type them: items, ranges (some backwards), blanks after commas.
+    const LIST: &str = "[0-9]{1,3}(-[0-9]{1,3})?(, ?[0-9]{1,3}(-[0-9]{1,3})?){0,6}";
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::with_cases(1000)
+        })]
+
+        /// `list_str` is `parse_cpu_list`'s inverse on any CPU set, and prints it canonically:
+        /// increasing items, a range only for 2 or more CPUs, no two items adjacent.
+        #[test]
+        fn list_str_round_trips(
+            cpus in prop::collection::btree_set(prop_oneof![0usize..48, 0usize..65536], 1..64),
+        ) {
+            let cpus: Vec<usize> = cpus.into_iter().collect();
+            let s = list_str(&cpus);
+            prop_assert_eq!(parse_cpu_list(&s), Ok(cpus.clone()), "{}", s);
+            let mut last: Option<usize> = None;
+            for item in s.split(',') {
+                let (a, b) = match item.split_once('-') {
+                    Some((a, b)) => (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()),
+                    None => (item.parse().unwrap(), item.parse().unwrap()),
+                };
+                prop_assert!(a <= b && last.is_none_or(|l| l + 1 < a), "{}", s);
+                prop_assert!(item.contains('-') == (a < b), "{}", s);
+                last = Some(b);
+            }
+        }
+
+        /// Whatever a user types that parses, its listing parses to the same set.
+        #[test]
+        fn parsed_lists_print_canonically(s in LIST) {
+            if let Ok(cpus) = parse_cpu_list(&s) {
+                prop_assert_eq!(parse_cpu_list(&list_str(&cpus)), Ok(cpus));
+            }
+        }
+    }
+}

@@ -121,6 +121,11 @@ impl Response {
 /// Reads one `\n`-terminated line of at most `max` bytes (without the newline), all of it
 /// within the socket's read timeout: a peer trickling bytes cannot hold the reader longer.
 pub fn read_line(s: &mut UnixStream, max: usize) -> Result<String, String> {
+    String::from_utf8(read_line_bytes(s, max)?).map_err(|_| "line is not UTF-8".into())
+}
+
+/// `read_line`'s bytes, before they are checked for UTF-8.
+fn read_line_bytes(s: &mut UnixStream, max: usize) -> Result<Vec<u8>, String> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let limit = s.read_timeout().ok().flatten();
@@ -143,7 +148,7 @@ pub fn read_line(s: &mut UnixStream, max: usize) -> Result<String, String> {
                 return Err(format!("line longer than {max} bytes"));
             }
             buf.truncate(i);
-            return String::from_utf8(buf).map_err(|_| "line is not UTF-8".into());
+            return Ok(buf);
         }
         if buf.len() > max {
             return Err(format!("line longer than {max} bytes"));
@@ -172,8 +177,19 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         None => return Err("the request has no numeric \"version\"".into()),
     }
     // What is left is the operation, whose fields are checked strictly.
-    let op = serde_json::from_value(serde_json::Value::Object(fields))
-        .map_err(|e| format!("bad request: {e}"))?;
+    // serde names an unknown op or field as sent: its control characters escaped, the message
+    // stays one line.
+    let op = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
+        let esc = |c: char| -> String {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.into()
+            }
+        };
+        let e: String = e.to_string().chars().map(esc).collect();
+        format!("bad request: {e}")
+    })?;
     Ok(Request { version: VERSION, op })
 }
 
@@ -347,10 +363,11 @@ pub fn read_line_with_fds(
     if n == 0 {
         return Err("the peer closed the connection before a full line".into());
     }
-    // The rest of a long line: plain reads, bounded as read_line's.
-    let rest = read_line(s, max.saturating_sub(n))?;
-    let mut line = String::from_utf8(first[..n].to_vec()).map_err(|_| "line is not UTF-8")?;
-    line.push_str(&rest);
+    // The rest of a long line: plain reads, bounded as read_line's. Checked for UTF-8 whole: a
+    // character may straddle the two parts.
+    let mut line = first[..n].to_vec();
+    line.extend(read_line_bytes(s, max.saturating_sub(n))?);
+    let line = String::from_utf8(line).map_err(|_| "line is not UTF-8")?;
     Ok((line, fds))
 }
 
@@ -379,5 +396,205 @@ mod fd_tests {
         let mut s = String::new();
         got.read_to_string(&mut s).unwrap();
         assert_eq!(s, "backing");
+    }
+}
+
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn cfg(cases: u32) -> ProptestConfig {
+        ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(cases) }
+    }
+
+    fn one_line(input: &impl std::fmt::Debug, e: &str) {
+        assert!(!e.is_empty() && !e.contains(['\n', '\r']), "{input:?}: {e:?}");
+    }
+
+    /// A parse is a request of this version, or one line saying why not.
+    fn check_line(line: &str) {
+        match parse_request(line) {
+            Ok(r) => assert_eq!(r.version, VERSION),
+            Err(e) => one_line(&line, &e),
+        }
+    }
+
+    /// `bytes` sent down a socket (`req` as the CLI sends it, with a file when `fd`), read as
+    /// the service reads a request.
+    fn over_socket(bytes: Vec<u8>, req: Option<Request>, fd: bool) -> Result<String, String> {
+        use std::os::fd::AsRawFd;
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let w = std::thread::spawn(move || {
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let fds = if fd { vec![null.as_raw_fd()] } else { vec![] };
+            let _ = match req {
+                Some(r) => write_line_with_fds(&mut a, &r, &fds),
+                None => a.write_all(&bytes),
+            };
+        });
+        let r = read_line_with_fds(&mut b, MAX_REQUEST_BYTES).map(|(l, _)| l);
+        drop(b);
+        w.join().unwrap();
+        r
+    }
+
+    /// Found by the properties below: an op or field named with a control character made a
+    /// multi-line error; a long line with a character across the first read's end was "not
+    /// UTF-8".
+    #[test]
+    fn regressions() {
+        for line in [r#"{"version":1,"op":"a\nb"}"#, r#"{"version":1,"op":"status","\r":1}"#] {
+            one_line(&line, &parse_request(line).unwrap_err());
+        }
+        let argv = vec!["é".repeat(3000)];
+        let req = Request { version: VERSION, op: Op::Add { argv, cwd: "/".into() } };
+        let line = over_socket(Vec::new(), Some(req.clone()), false).unwrap();
+        assert_eq!(parse_request(&line), Ok(req));
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        const KNOWN: &[&str] = &[
+            "version",
+            "op",
+            "id",
+            "all",
+            "safe",
+            "all_servers",
+            "argv",
+            "cwd",
+            "bytes",
+            "timeout_ms",
+            "add",
+            "del",
+            "resize",
+            "quiesce",
+            "recover",
+            "status",
+            "shutdown",
+        ];
+        prop_oneof![3 => prop::sample::select(KNOWN).prop_map(String::from), 1 => ".{0,8}"]
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            name().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::vec((name(), inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Objects that look like requests: known fields more often than not, values of any type.
+    fn request_like() -> impl Strategy<Value = String> {
+        let version = prop_oneof![Just(Value::from(1)), json()];
+        let op = prop_oneof![name().prop_map(Value::from), json()];
+        (version, op, prop::collection::vec((name(), json()), 0..4)).prop_map(|(v, op, rest)| {
+            let mut m = serde_json::Map::new();
+            m.insert("version".into(), v);
+            m.insert("op".into(), op);
+            m.extend(rest);
+            Value::Object(m).to_string()
+        })
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let text = || "(.|[é€𝄞])*";
+        prop_oneof![
+            (prop::collection::vec(text(), 0..6), text())
+                .prop_map(|(argv, cwd)| Op::Add { argv, cwd }),
+            (prop::option::of(any::<u32>()), any::<[bool; 3]>())
+                .prop_map(|(id, [all, safe, s])| { Op::Del { id, all, safe, all_servers: s } }),
+            (any::<u32>(), any::<u64>()).prop_map(|(id, bytes)| Op::Resize { id, bytes }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(id, timeout_ms)| Op::Quiesce { id, timeout_ms }),
+            any::<u32>().prop_map(|id| Op::Recover { id }),
+            Just(Op::Status {}),
+            Just(Op::Shutdown {}),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(cfg(1000))]
+
+        #[test]
+        fn arbitrary_lines(s in any::<String>()) {
+            check_line(&s);
+        }
+
+        #[test]
+        fn request_like_lines(s in request_like()) {
+            check_line(&s);
+        }
+
+        #[test]
+        fn deep_nesting_and_huge_numbers(
+            depth in 0usize..20_000,
+            digits in 1usize..400,
+            obj in any::<bool>(),
+        ) {
+            let (open, close) = if obj { (r#"{"a":"#, "}") } else { ("[", "]") };
+            let nested = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            check_line(&format!(r#"{{"version":1,"op":"add","argv":{nested},"cwd":"/"}}"#));
+            let huge = "9".repeat(digits);
+            check_line(&format!(r#"{{"version":{huge},"op":"status"}}"#));
+            check_line(&format!(r#"{{"version":1,"op":"resize","id":{huge},"bytes":-{huge}}}"#));
+        }
+
+        /// What the CLI sends is what the service reads.
+        #[test]
+        fn requests_round_trip(op in op()) {
+            let req = Request { version: VERSION, op };
+            let line = serde_json::to_string(&req).unwrap();
+            prop_assert_eq!(parse_request(&line), Ok(req));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(cfg(256))]
+
+        /// Any bytes down the socket (lines up to past the limit): a line to parse, or one
+        /// line saying why not.
+        #[test]
+        fn arbitrary_bytes_over_the_socket(
+            mut bytes in prop::collection::vec(any::<u8>(), 0..9000),
+            newline_at in prop::option::of(any::<prop::sample::Index>()),
+            long in prop::option::of(MAX_REQUEST_BYTES - 8..MAX_REQUEST_BYTES + 8),
+        ) {
+            if let Some(n) = long {
+                bytes.resize(n, b'x');
+            }
+            if let Some(i) = newline_at {
+                let i = i.index(bytes.len() + 1);
+                bytes.insert(i, b'\n');
+            }
+            match over_socket(bytes.clone(), None, false) {
+                Ok(line) => check_line(&line),
+                Err(e) => one_line(&bytes.len(), &e),
+            }
+        }
+
+        /// A request whose line is long and not ASCII arrives whole, with or without a file.
+        #[test]
+        fn requests_round_trip_over_the_socket(
+            argv in prop::collection::vec("[a-zé€𝄞]{0,3000}", 1..4),
+            fd in any::<bool>(),
+        ) {
+            let req = Request { version: VERSION, op: Op::Add { argv, cwd: "/".into() } };
+            let got = over_socket(Vec::new(), Some(req.clone()), fd)
+                .map_err(|e| TestCaseError::fail(format!("read: {e}")))?;
+            prop_assert_eq!(parse_request(&got), Ok(req));
+        }
     }
 }

@@ -164,3 +164,85 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        "(.|[\"\\\\\n\u{0}é𝄞])*"
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        let cpus = || prop::collection::vec(any::<usize>(), 0..8);
+        let backing_id = prop::option::of(any::<(u64, u64, u64)>())
+            .prop_map(|b| b.map(|(dev, ino, size)| BackingId { dev, ino, size }));
+        (
+            (any::<u32>(), any::<i32>(), text(), prop::collection::vec(text(), 0..4), text()),
+            (any::<u16>(), any::<u16>(), cpus(), prop::collection::vec(cpus(), 0..4)),
+            (prop::collection::vec(text(), 0..4), text(), text(), backing_id),
+        )
+            .prop_map(|(a, b, c)| Record {
+                id: a.0,
+                pid: a.1,
+                target: a.2,
+                args: a.3,
+                backing: a.4,
+                queues: b.0,
+                depth: b.1,
+                queue_cpus: b.2,
+                queue_affinity: b.3,
+                argv: c.0,
+                cwd: c.1,
+                setup: c.2,
+                backing_id: c.3,
+            })
+    }
+
+    fn check_any(s: &str) {
+        if let Err(e) = serde_json::from_str::<Record>(s) {
+            let e = e.to_string();
+            assert!(!e.is_empty() && !e.contains(['\n', '\r']), "{s:?}: {e:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::with_cases(1000)
+        })]
+
+        #[test]
+        fn arbitrary_strings(s in any::<String>()) {
+            check_any(&s);
+        }
+
+        /// A record's JSON with one byte changed, cut short or with a field's value replaced.
+        #[test]
+        fn damaged_records(
+            r in record(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let mut b = serde_json::to_string_pretty(&r).unwrap().into_bytes();
+            let i = at.index(b.len());
+            if cut {
+                b.truncate(i);
+            } else {
+                b[i] = byte;
+            }
+            check_any(&String::from_utf8_lossy(&b));
+        }
+
+        /// What `save` writes (pretty) and the compact form read back as the same record.
+        #[test]
+        fn records_round_trip(r in record()) {
+            let pretty = serde_json::to_string_pretty(&r).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Record>(&pretty).unwrap(), r.clone());
+            let compact = serde_json::to_string(&r).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Record>(&compact).unwrap(), r);
+        }
+    }
+}

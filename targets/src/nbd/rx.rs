@@ -197,8 +197,10 @@ impl Rx {
                         ProtocolError("data chunk for a request that is not a read".into())
                     })?;
                     let dlen = len - 8;
-                    let rel =
-                        off.checked_sub(a.offset).filter(|r| r + dlen as u64 <= u64::from(a.len));
+                    // Checked: a server's offset near 2^64 must not wrap `r + dlen` into range.
+                    let rel = off.checked_sub(a.offset).filter(|r| {
+                        r.checked_add(dlen as u64).is_some_and(|e| e <= u64::from(a.len))
+                    });
                     let Some(rel) = rel else {
                         return Err(ProtocolError(format!(
                             "data chunk at {off}+{dlen} outside the read of {}+{}",
@@ -343,7 +345,7 @@ fn chunk_body(
         let len = u32::from_be_bytes([body[8], body[9], body[10], body[11]]);
         let rel = off
             .checked_sub(a.offset)
-            .filter(|r| r + u64::from(len) <= u64::from(a.len))
+            .filter(|r| r.checked_add(u64::from(len)).is_some_and(|e| e <= u64::from(a.len)))
             .ok_or_else(|| {
                 ProtocolError(format!(
                     "hole at {off}+{len} outside the read of {}+{}",

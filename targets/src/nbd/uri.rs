@@ -223,13 +223,13 @@ fn parse_query(text: &str, query: Option<&str>) -> Result<Vec<(String, Vec<u8>)>
 
 fn unknown_param(text: &str, key: &str, unix: bool) -> Error {
     if key.starts_with("tls") {
-        return unsupported(text, format!("{key}=: TLS is not supported"));
+        return unsupported(text, format!("{}=: TLS is not supported", key.escape_debug()));
     }
     if key == "socket" {
         return bad(text, "socket= belongs to nbd+unix URIs; write nbd+unix:///EXPORT?socket=PATH");
     }
     let allowed = if unix { "only socket= is understood" } else { "nbd:// takes none" };
-    bad(text, format!("unknown query parameter \"{key}\" ({allowed})"))
+    bad(text, format!("unknown query parameter {key:?} ({allowed})"))
 }
 
 /// The longest Unix socket path `sockaddr_un` holds (its NUL terminator excluded).
