@@ -2,7 +2,10 @@
 //!
 //! READ/WRITE go to the backing fd through io_uring; a short transfer is resumed for the rest,
 //! never reported as done. FLUSH is an fdatasync; a FUA write is written with RWF_DSYNC.
-//! DISCARD punches a hole (files) or is a BLKDISCARD (block devices); WRITE_ZEROES is a
+//! DISCARD punches a hole (files) or, on block devices, is the io_uring block command
+//! BLOCK_URING_CMD_DISCARD (Linux 6.12+) on the queue's ring, never a synchronous ioctl (a long
+//! discard would stall every request of the queue); where the kernel lacks the command, the
+//! request fails with EOPNOTSUPP (discard is advisory) rather than blocking. WRITE_ZEROES is a
 //! fallocate ZERO_RANGE, or a hole when the request allows unmapping.
 
 use std::fs::{File, OpenOptions};
@@ -23,7 +26,9 @@ use ublk_fast_engine::{Error, Result};
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKDISCARD: libc::c_ulong = 0x1277;
+/// linux/blkdev.h: io_uring's block-device command (`_IO(0x12, 0)`): discard `addr3` bytes
+/// from offset `addr`.
+const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
 
 #[derive(Clone, Debug, Default)]
 pub struct LoopOptions {
@@ -339,8 +344,8 @@ impl Target for LoopTarget {
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
         Ok(Box::new(LoopQueue {
             done: vec![0; usize::from(depth)],
-            fd: self.file.as_raw_fd(),
             is_blkdev: self.is_blkdev,
+            no_blk_discard: false,
             read_only: self.opts.read_only,
         }))
     }
@@ -352,14 +357,15 @@ mod sub {
     pub const FLUSH: u8 = 1;
     pub const PUNCH: u8 = 2;
     pub const ZERO_RANGE: u8 = 3;
+    pub const BLK_DISCARD: u8 = 4;
 }
 
 struct LoopQueue {
     /// Bytes already transferred for each tag's current READ/WRITE.
     done: Vec<u32>,
-    /// The backing fd, for the one synchronous op (BLKDISCARD); the ring uses the fixed file.
-    fd: RawFd,
     is_blkdev: bool,
+    /// The kernel refused BLOCK_URING_CMD_DISCARD once (older than 6.12): discards fail fast.
+    no_blk_discard: bool,
     read_only: bool,
 }
 
@@ -415,15 +421,18 @@ impl LoopQueue {
         unsafe { io.push(req, which, sqe) };
     }
 
-    fn blk_discard(&self, req: &Request) -> i32 {
-        let range = [req.offset(), req.bytes() as u64];
-        // SAFETY: BLKDISCARD reads two u64s from `range`, which lives across the call.
-        let r = unsafe { libc::ioctl(self.fd, BLKDISCARD, range.as_ptr()) };
-        if r < 0 {
-            -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-        } else {
-            0
-        }
+    /// BLOCK_URING_CMD_DISCARD: the discard runs in the block layer, its completion comes
+    /// back on the ring like any I/O.
+    fn push_blk_discard(&mut self, req: &Request, io: &mut dyn Submit) {
+        let mut cmd = [0u8; 16];
+        // The command area starts where `addr3` is: the length in bytes.
+        cmd[..8].copy_from_slice(&(req.bytes() as u64).to_ne_bytes());
+        let sqe = opcode::UringCmd16::new(req.file(0), BLOCK_URING_CMD_DISCARD)
+            .addr(Some(req.offset()))
+            .cmd(cmd)
+            .build();
+        // SAFETY: the command references no memory.
+        unsafe { io.push(req, sub::BLK_DISCARD, sqe) };
     }
 }
 
@@ -451,7 +460,13 @@ impl QueueHandler for LoopQueue {
                 unsafe { io.push(req, sub::FLUSH, sqe) };
                 Flow::Pending
             }
-            UBLK_IO_OP_DISCARD if self.is_blkdev => Flow::Done(self.blk_discard(req)),
+            UBLK_IO_OP_DISCARD if self.is_blkdev && self.no_blk_discard => {
+                Flow::Done(-libc::EOPNOTSUPP)
+            }
+            UBLK_IO_OP_DISCARD if self.is_blkdev => {
+                self.push_blk_discard(req, io);
+                Flow::Pending
+            }
             UBLK_IO_OP_DISCARD => {
                 self.push_fallocate(req, sub::PUNCH, io);
                 Flow::Pending
@@ -488,6 +503,17 @@ impl QueueHandler for LoopQueue {
                 }
                 Flow::Done(req.bytes() as i32)
             }
+            // A kernel without the block command (before 6.12) says so on every try: stop.
+            sub::BLK_DISCARD
+                if matches!(-res, libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)
+                    && !self.no_blk_discard =>
+            {
+                self.no_blk_discard = true;
+                log::warn!(
+                    "loop: this kernel has no BLOCK_URING_CMD_DISCARD (Linux 6.12+): discards on this queue fail with EOPNOTSUPP instead of blocking it"
+                );
+                Flow::Done(-libc::EOPNOTSUPP)
+            }
             // Filesystems without ZERO_RANGE (tmpfs): a hole reads back as zeros as well.
             sub::ZERO_RANGE if res == -libc::EOPNOTSUPP && !self.is_blkdev => {
                 self.push_fallocate(req, sub::PUNCH, io);
@@ -523,7 +549,7 @@ mod tests {
         assert_eq!(BLKGETSIZE64, (2 << 30) | (8 << 16) | (0x12 << 8) | 114);
         assert_eq!(BLKSSZGET, (0x12 << 8) | 104);
         assert_eq!(BLKPBSZGET, (0x12 << 8) | 123);
-        assert_eq!(BLKDISCARD, (0x12 << 8) | 119);
+        assert_eq!(BLOCK_URING_CMD_DISCARD, 0x12 << 8);
     }
 
     #[test]

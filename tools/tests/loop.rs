@@ -499,3 +499,169 @@ fn slow_backend_io_is_logged_counted_and_its_age_shown() {
     drop(kl);
     rm(&f);
 }
+
+/// Max completion latency (µs) of a 3 s qd1 random-read fio on `dev`.
+fn read_max_latency_us(dev: &str) -> u64 {
+    let r = fio(&[
+        "--name=lat",
+        &format!("--filename={dev}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=1",
+        "--runtime=3",
+        "--time_based",
+        "--size=64M",
+    ]);
+    r["jobs"][0]["read"]["clat_ns"]["max"].as_u64().unwrap() / 1000
+}
+
+/// A discard that takes seconds in the backing device (dm-delay holds writes and discards 5 s)
+/// does not stall the reads on the same queue: it runs as an io_uring block command on the
+/// ring, not as a BLKDISCARD ioctl on the core thread.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn a_long_discard_does_not_stall_reads_on_its_queue() {
+    require_driver();
+    if sh_any("modprobe dm_delay").status.code() != Some(0) {
+        skip("this kernel has no dm_delay");
+        return;
+    }
+    let f = backing("discard-stall", 256, "/dev/urandom");
+    let kl = KLoop::new(&f);
+    let name = "ublk-fast-it-discard";
+    let sectors = 256 * 2048;
+    // Reads pass at once; writes and discards wait 5 s.
+    sh(&format!("dmsetup create {name} --table '0 {sectors} delay {d} 0 0 {d} 0 5000'", d = kl.0));
+    let mapper = format!("/dev/mapper/{name}");
+    let dm = sh(&format!("basename $(readlink -f {mapper})")).trim().to_string();
+    let max = sh(&format!("cat /sys/block/{dm}/queue/discard_max_bytes")).trim().to_string();
+    if max == "0" {
+        sh(&format!("dmsetup remove {name}"));
+        skip("dm-delay over loop offers no discard here");
+        return;
+    }
+    let dev = Dev::add(&["loop", &mapper, "-q", "1", "--no-part-scan"]);
+    let before = read_max_latency_us(&dev.path);
+    let mut discard = std::process::Command::new("blkdiscard").arg(&dev.path).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let during = read_max_latency_us(&dev.path);
+    let still = discard.try_wait().unwrap().is_none();
+    let st = discard.wait().unwrap();
+    println!(
+        "qd1 reads, max latency: {before} µs before, {during} µs during a whole-device discard \
+         (still running at the end: {still}, then {st:?})"
+    );
+    assert!(still, "the discard ended before the reads did: the test proves nothing");
+    assert!(st.success(), "blkdiscard failed");
+    let limit = (2 * before).max(50_000);
+    assert!(during <= limit, "reads stalled during the discard: {during} µs > {limit} µs");
+    dev.del();
+    sh(&format!("dmsetup remove {name}"));
+    drop(kl);
+    rm(&f);
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+struct Aligned(*mut u8);
+
+impl Aligned {
+    fn new() -> Aligned {
+        let l = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+        // SAFETY: a non-zero size; freed in Drop with the same layout.
+        Aligned(unsafe { std::alloc::alloc_zeroed(l) })
+    }
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: 4096 bytes owned by this value.
+        unsafe { std::slice::from_raw_parts_mut(self.0, 4096) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe {
+            std::alloc::dealloc(self.0, std::alloc::Layout::from_size_align(4096, 4096).unwrap())
+        }
+    }
+}
+
+/// A backing device that fails for 2 s out of every 5 (dm-flakey) under random writes of
+/// stamped blocks: the failed writes reach the writer as errors, every write acknowledged reads
+/// back intact afterwards, and the device serves on once the backing device is back.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn flakey_backing_device_errors_reach_the_issuer_and_nothing_acknowledged_is_lost() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    require_driver();
+    if sh_any("modprobe dm_flakey").status.code() != Some(0) {
+        skip("this kernel has no dm_flakey");
+        return;
+    }
+    let f = backing("flakey", 64, "/dev/zero");
+    let kl = KLoop::new(&f);
+    let name = "ublk-fast-it-flakey";
+    let sectors = 64 * 2048;
+    sh(&format!("dmsetup create {name} --table '0 {sectors} flakey {} 0 3 2'", kl.0));
+    let mapper = format!("/dev/mapper/{name}");
+    let dev = Dev::add(&["loop", &mapper, "-q", "2", "--no-part-scan"]);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev.path)
+        .unwrap();
+    let blocks = 64 * 256u64;
+    // What each block must hold: Some(generation) once a write of it was acknowledged; a
+    // failed write makes the block unknown (the device may or may not have written it).
+    let mut want: Vec<Option<u64>> = vec![None; blocks as usize];
+    let mut known = vec![true; blocks as usize];
+    let mut buf = Aligned::new();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let t = std::time::Instant::now();
+    let mut gen = 0u64;
+    while t.elapsed() < std::time::Duration::from_secs(8) {
+        gen += 1;
+        let b = gen.wrapping_mul(2654435761) % blocks;
+        let stamp = (b << 32) ^ gen;
+        for (i, w) in buf.buf().chunks_mut(8).enumerate() {
+            w.copy_from_slice(&(stamp.wrapping_add(i as u64)).to_le_bytes());
+        }
+        match file.write_at(buf.buf(), b * 4096) {
+            Ok(4096) => {
+                want[b as usize] = Some(stamp);
+                known[b as usize] = true;
+                ok += 1;
+            }
+            _ => {
+                known[b as usize] = false;
+                failed += 1;
+            }
+        }
+    }
+    println!("8 s of writes over a device failing 2 s in 5: {ok} acknowledged, {failed} failed");
+    assert!(failed > 0, "no write failed: the backing device never failed");
+    assert!(ok > 0);
+    // The backing device comes back for good.
+    sh(&format!(
+        "dmsetup suspend {name} && dmsetup reload {name} --table '0 {sectors} linear {} 0' && dmsetup resume {name}",
+        kl.0
+    ));
+    let mut checked = 0;
+    for b in 0..blocks {
+        let Some(stamp) = want[b as usize].filter(|_| known[b as usize]) else { continue };
+        file.read_exact_at(buf.buf(), b * 4096).unwrap();
+        let got = u64::from_le_bytes(buf.buf()[..8].try_into().unwrap());
+        assert_eq!(got, stamp, "block {b}: an acknowledged write was lost");
+        checked += 1;
+    }
+    println!("acknowledged writes read back intact: {checked} blocks ({} KiB)", checked * 4);
+    assert!(dev.stat("io_errors") > 0, "the errors were not counted");
+    file.write_at(buf.buf(), 0).expect("the device serves again");
+    drop(file);
+    dev.del();
+    sh(&format!("dmsetup remove {name}"));
+    drop(kl);
+    rm(&f);
+}
