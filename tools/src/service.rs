@@ -60,33 +60,6 @@ const IDLE_GRACE: Duration = Duration::from_secs(30);
 const LOCK_WAIT: Duration = Duration::from_secs(15);
 /// How long QUIESCE_DEV may wait for a device's I/O at SIGTERM.
 const SHUTDOWN_QUIESCE_MS: u64 = 30_000;
-/// How long the service may take to end (I/O in flight draining, devices deleted or quiesced)
-/// before it exits anyway: the driver then fails what is left of plain devices' I/O and keeps
-/// `--recovery` devices for the next service, as after a crash.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
-
-/// Bounds the end of the service: a stuck backend (a hung NFS file, a vanished NBD server)
-/// must not keep `systemctl stop` waiting forever.
-fn drain_watchdog() {
-    let limit = std::env::var("UBLK_FAST_DRAIN_LIMIT_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(DRAIN_LIMIT, Duration::from_secs);
-    let spawned = std::thread::Builder::new().name("drain-watchdog".into()).spawn(move || {
-        std::thread::sleep(limit);
-        log::error!(
-            "in-flight I/O did not drain within {} s: exiting now; the driver fails what is left \
-             (devices without --recovery) or keeps it for the next service (--recovery)",
-            limit.as_secs()
-        );
-        log::logger().flush();
-        std::process::exit(1);
-    });
-    if let Err(e) = spawned {
-        warn(format!("cannot start the drain watchdog: {e}"));
-    }
-}
-
 pub fn socket_path() -> PathBuf {
     record::run_dir().join("control.sock")
 }
@@ -791,7 +764,6 @@ fn run(opts: ServeOpts, mut ready: Option<File>, first: Option<Op>) -> Result<()
         }
     };
     log(format!("ending ({why:?})"));
-    drain_watchdog();
     finish(&node, &stop, why);
     let _ = control.join();
     Ok(())

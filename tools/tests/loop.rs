@@ -454,6 +454,16 @@ fn ext4_in_every_engine_mode() {
     let _ = std::fs::remove_dir_all(src);
 }
 
+/// The `dm-N` node of device-mapper device `name` (the guest has no udev to make
+/// /dev/mapper links; devtmpfs makes /dev/dm-N).
+fn dm_node(name: &str) -> String {
+    sh(&format!(
+        "for d in /sys/block/dm-*; do [ \"$(cat $d/dm/name)\" = {name} ] && basename $d; done; true"
+    ))
+    .trim()
+    .to_string()
+}
+
 /// A backing device that answers slowly (dm-delay, 1.5 s per request): the request is logged
 /// once as slow (past --slow-io-ms), counted, and `list --json` shows the oldest request's age
 /// while it waits; it still completes, with its data.
@@ -470,7 +480,7 @@ fn slow_backend_io_is_logged_counted_and_its_age_shown() {
     let name = "ublk-fast-it-slow";
     let sectors = 64 * 2048;
     sh(&format!("dmsetup create {name} --table '0 {sectors} delay {} 0 1500'", kl.0));
-    let mapper = format!("/dev/mapper/{name}");
+    let mapper = format!("/dev/{}", dm_node(name));
     let dev = Dev::add(&["loop", &mapper, "--slow-io-ms", "500", "-q", "1", "--no-part-scan"]);
     let before = dev.stat("slow_ios");
     let writer = std::process::Command::new("dd")
@@ -534,8 +544,8 @@ fn a_long_discard_does_not_stall_reads_on_its_queue() {
     let sectors = 256 * 2048;
     // Reads pass at once; writes and discards wait 5 s.
     sh(&format!("dmsetup create {name} --table '0 {sectors} delay {d} 0 0 {d} 0 5000'", d = kl.0));
-    let mapper = format!("/dev/mapper/{name}");
-    let dm = sh(&format!("basename $(readlink -f {mapper})")).trim().to_string();
+    let dm = dm_node(name);
+    let mapper = format!("/dev/{dm}");
     let max = sh(&format!("cat /sys/block/{dm}/queue/discard_max_bytes")).trim().to_string();
     if max == "0" {
         sh(&format!("dmsetup remove {name}"));
@@ -604,7 +614,7 @@ fn flakey_backing_device_errors_reach_the_issuer_and_nothing_acknowledged_is_los
     let name = "ublk-fast-it-flakey";
     let sectors = 64 * 2048;
     sh(&format!("dmsetup create {name} --table '0 {sectors} flakey {} 0 3 2'", kl.0));
-    let mapper = format!("/dev/mapper/{name}");
+    let mapper = format!("/dev/{}", dm_node(name));
     let dev = Dev::add(&["loop", &mapper, "-q", "2", "--no-part-scan"]);
     let file = std::fs::OpenOptions::new()
         .read(true)

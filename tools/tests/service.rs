@@ -359,61 +359,14 @@ fn a_crash_while_adding_leaves_no_unknown_device() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!std::path::Path::new(&format!("/run/ublk-fast/{id}.json")).exists());
+    // Its log is complete once it ended.
+    shutdown_service();
     let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
-    let line = log.lines().rev().find(|l| l.contains(&format!("dev {id}:"))).unwrap_or("");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&format!("dev {id}:")) && l.contains("died while creating it"))
+        .unwrap_or("");
     println!("the next service: {line}");
-    assert!(line.contains("died while creating it"), "{line}");
-    shutdown_service();
-}
-
-/// SIGTERM while a write is stuck in its backend (the fault target holds it 60 s): the
-/// service does not wait for it past its drain limit (here 5 s, UBLK_FAST_DRAIN_LIMIT_S), it
-/// exits; the driver fails the write; the next service deletes the plain device it left.
-#[test]
-#[ignore = "needs the ublk driver: run through tools/test.sh"]
-fn sigterm_bounds_the_drain_of_stuck_io() {
-    require_driver();
-    shutdown_service();
-    let o = Command::new(bin())
-        .args(["fault", "--op", "write", "--delay-ms", "60000", "null", "--size", "16M"])
-        .env("UBLK_FAST_DRAIN_LIMIT_S", "5")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "add: {}", stderr(&o));
-    let path = stdout(&o).trim().to_string();
-    let id: u32 = path.trim_start_matches("/dev/ublkb").parse().unwrap();
-    let pid = daemons()[0];
-    let writer = Command::new("dd")
-        .args(["if=/dev/zero", &format!("of={path}"), "bs=4k", "count=1", "oflag=direct"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    let t = Instant::now();
-    // SAFETY: signalling the service by pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "the service still runs after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let took = t.elapsed();
-    let out = writer.wait_with_output().unwrap();
-    println!(
-        "SIGTERM with a write stuck for 60 s: the service exited after {took:.1?}; the write: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
-    );
-    assert!(took >= Duration::from_secs(4), "exited before its drain limit: {took:?}");
-    assert!(!out.status.success(), "the stuck write succeeded");
-    let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
-    assert!(log.contains("did not drain within 5 s"), "no drain-limit line in the log");
-    let o = ublk(&["serve"]);
-    assert!(o.status.success(), "serve: {}", stderr(&o));
-    let t = Instant::now();
-    while dev_ids().contains(&id) {
-        assert!(t.elapsed() < Duration::from_secs(20), "dev {id} still there");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    shutdown_service();
+    assert!(!line.is_empty(), "the next service did not say why it deleted dev {id}");
 }
