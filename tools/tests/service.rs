@@ -350,9 +350,10 @@ fn a_crash_while_adding_leaves_no_unknown_device() {
     assert_eq!(left.len(), 1, "the crash should leave the half-created device");
     let id = left[0];
     assert!(std::path::Path::new(&format!("/run/ublk-fast/{id}.json")).exists(), "no record");
-    // The next service deals with it at start.
+    // The next service deals with it at start (what it says then goes to the caller's stderr).
     let o = ublk(&["serve"]);
     assert!(o.status.success(), "serve: {}", stderr(&o));
+    let said = stderr(&o);
     let t = Instant::now();
     while dev_ids().contains(&id) {
         assert!(t.elapsed() < Duration::from_secs(20), "dev {id} still there");
@@ -361,7 +362,7 @@ fn a_crash_while_adding_leaves_no_unknown_device() {
     assert!(!std::path::Path::new(&format!("/run/ublk-fast/{id}.json")).exists());
     // Its log is complete once it ended.
     shutdown_service();
-    let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
+    let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default() + &said;
     let line = log
         .lines()
         .rev()
