@@ -11,9 +11,12 @@ use ublk_fast_engine::device::DeviceConfig;
 use ublk_fast_engine::target::Target;
 use ublk_fast_targets::{
     FaultSpec, FaultTarget, LoopOptions, LoopTarget, NbdOptions, NbdTarget, NullTarget,
+    StripeTarget,
 };
 
-use crate::cli::{AddOpts, FaultArgs, InnerTarget, LoopArgs, NbdArgs, NullArgs, TargetCmd};
+use crate::cli::{
+    AddOpts, FaultArgs, InnerTarget, LoopArgs, NbdArgs, NullArgs, StripeArgs, TargetCmd,
+};
 use crate::{record, size, CliError};
 
 fn null_target(a: &NullArgs) -> Result<Arc<dyn Target>, CliError> {
@@ -45,6 +48,25 @@ fn loop_target(
         None => LoopTarget::open(&path, &opts),
     };
     Ok(Arc::new(t.map_err(|e| CliError::usage(e.to_string()))?))
+}
+
+fn stripe_target(
+    a: &StripeArgs,
+    cwd: &Path,
+    given: &mut Vec<std::fs::File>,
+) -> Result<Arc<dyn Target>, CliError> {
+    let chunk =
+        size::parse_size(&a.chunk).map_err(|m| CliError::usage(format!("stripe --chunk: {m}")))?;
+    let chunk = u32::try_from(chunk).map_err(|_| {
+        CliError::usage(format!("stripe --chunk {}: must be a power of two from 4K to 1M", a.chunk))
+    })?;
+    let opts =
+        LoopOptions { buffered: a.buffered, read_only: false, block_size: None, discard: false };
+    let paths: Vec<std::path::PathBuf> = a.paths.iter().map(|p| cwd.join(p)).collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let t = StripeTarget::open(&refs, chunk, &opts, &mut || given.pop())
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(Arc::new(t))
 }
 
 fn nbd_target(a: &NbdArgs) -> Result<Arc<dyn Target>, CliError> {
@@ -111,6 +133,7 @@ pub fn target_with(
         TargetCmd::Loop(a) => loop_target(a, cwd, &mut given),
         TargetCmd::Fault(f) => fault_target(f, cwd, &mut given),
         TargetCmd::Nbd(a) => nbd_target(a),
+        TargetCmd::Stripe(a) => stripe_target(a, cwd, &mut given),
     }
 }
 

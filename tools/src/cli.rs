@@ -362,6 +362,8 @@ pub enum TargetCmd {
     Fault(FaultArgs),
     /// Serve an export of an NBD server (nbdkit, qemu-nbd, ...) over TCP or a Unix socket
     Nbd(NbdArgs),
+    /// Stripe (RAID-0) over 2 to 8 files or block devices
+    Stripe(StripeArgs),
 }
 
 /// The targets `fault` can wrap.
@@ -473,6 +475,21 @@ pub struct LoopArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct StripeArgs {
+    #[command(flatten)]
+    pub opts: AddOpts,
+    /// The members: 2 to 8 files or block devices (chunk i lives on member i % N)
+    #[arg(required = true, num_args = 1..)]
+    pub paths: Vec<std::path::PathBuf>,
+    /// Chunk size: a power of two from 4K to 1M
+    #[arg(long, default_value = "64K")]
+    pub chunk: String,
+    /// Use the page cache instead of O_DIRECT
+    #[arg(long)]
+    pub buffered: bool,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct NbdArgs {
     #[command(flatten)]
     pub opts: AddOpts,
@@ -493,6 +510,7 @@ impl TargetCmd {
         match self {
             TargetCmd::Null(a) => Ok(a.opts.clone()),
             TargetCmd::Nbd(a) => Ok(a.opts.clone()),
+            TargetCmd::Stripe(a) => Ok(a.opts.clone()),
             TargetCmd::Loop(a) => Ok(a.opts.clone()),
             TargetCmd::Fault(f) => f.opts.clone().merged(match &f.inner {
                 InnerTarget::Null(a) => a.opts.clone(),
