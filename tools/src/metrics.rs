@@ -4,9 +4,7 @@
 //! a scrape, so its cost does not grow with the I/O rate. Devices appear and disappear with
 //! add and del; every series carries `dev="ID"` (and `device="ublkbN"`), per queue `queue="Q"`.
 //!
-//! Names mirror node_exporter's diskstats under `ublk_fast_`. The same values are handed to the
-//! `metrics` facade at each scrape (absolute counters, gauges), so a program embedding the
-//! engine with its own recorder sees them too; per-I/O samples never go through the facade.
+//! Names mirror node_exporter's diskstats under `ublk_fast_`.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -203,12 +201,6 @@ pub fn render(devs: &[DeviceMeta]) -> String {
             for (q, s) in snap.iter().enumerate() {
                 let v = s.counter(key) as f64 * scale;
                 let _ = writeln!(out, "ublk_fast_{name}{{{},queue=\"{q}\"}} {v}", d.labels());
-                let labels = [("dev", d.id.to_string()), ("queue", q.to_string())];
-                if kind == "gauge" {
-                    metrics::gauge!(format!("ublk_fast_{name}"), &labels).set(v);
-                } else {
-                    metrics::counter!(format!("ublk_fast_{name}"), &labels).absolute(v as u64);
-                }
             }
         }
     }
