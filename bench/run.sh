@@ -9,6 +9,9 @@
 #     the kernel's nbd client (nbd-client, same connection count) on nbdkit and qemu-nbd
 #   bench/run.sh latency [RUNTIME_S] [RUNS] [POLL_US] -> bench/results/<date>-latency.md: the
 #     latency mode (--poll-us) at qd1/qd4 against null_blk and kernel loop on brd
+#   bench/run.sh soak [SECONDS]               -> bench/results/<date>-soak.md (default 1200 s;
+#     not in CI): devices under verified writes while the service is killed and restarted,
+#     devices are handed over, re-added, a backing device flips to dm-flakey; nothing lost
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
 #     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
@@ -39,7 +42,9 @@ case $which in
           bench/nbd.sh "bench/results/$d-nbd.md" "$RT" "$RUNS" ;;
   latency) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/latency.sh "bench/results/$d-latency.md" "$RT" "$RUNS" "${4:-50}" ;;
+  soak) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t $(( ${2:-1200} + 900 )) -r "$PWD/bench/results" -- \
+          bench/soak.sh "bench/results/$d-soak.md" "${2:-1200}" ;;
   profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
           bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
-  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, latency, profile)" >&2; exit 2 ;;
+  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, latency, soak, profile)" >&2; exit 2 ;;
 esac

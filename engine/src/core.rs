@@ -58,6 +58,9 @@ pub enum CoreCmd {
     /// Set a queue up on this core and hand its tags to the driver; the reply carries how it
     /// was set up, once the driver has every tag (batch: once PREP completed), or the error.
     Add { cfg: QueueConfig, target: Arc<dyn Target>, reply: mpsc::Sender<Result<String>> },
+    /// Cancel the backend operations in flight of every queue of device `dev` (its I/O did not
+    /// drain in time).
+    Cancel { dev: u32 },
 }
 
 /// A core's mailbox: commands in, and the eventfd its ring polls to hear of them.
@@ -364,6 +367,13 @@ impl Core {
                         }
                         Err(e) => {
                             let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                CoreCmd::Cancel { dev } => {
+                    for s in self.seats.iter_mut().flatten() {
+                        if s.queue.id().0 == dev {
+                            s.queue.cancel_backend(&mut self.ring);
                         }
                     }
                 }
@@ -677,6 +687,21 @@ impl CorePool {
                 "queue {q}: CPU {cpu}'s core did not set it up within {ADD_TIMEOUT:?}"
             ))
         })?
+    }
+
+    /// Asks every core to cancel the backend operations of device `dev`'s queues.
+    pub fn cancel_backend(&self, dev: u32) {
+        (self.canceller(dev))();
+    }
+
+    /// [`CorePool::cancel_backend`] for another thread (a drain watchdog).
+    pub fn canceller(&self, dev: u32) -> impl FnOnce() + Send + 'static {
+        let boxes: Vec<Arc<Mailbox>> = self.cores.iter().map(|c| Arc::clone(&c.mailbox)).collect();
+        move || {
+            for b in boxes {
+                b.send(CoreCmd::Cancel { dev });
+            }
+        }
     }
 
     /// Stops every core (each ends once no backend I/O is in flight) and joins them.

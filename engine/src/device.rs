@@ -257,6 +257,17 @@ pub struct Device {
     pub notices: Vec<String>,
 }
 
+/// How long a device being stopped may keep requests in flight before its backend operations
+/// are cancelled (`UBLK_FAST_DRAIN_LIMIT_S` overrides it, for tests).
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+fn drain_limit() -> Duration {
+    std::env::var("UBLK_FAST_DRAIN_LIMIT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DRAIN_LIMIT, Duration::from_secs)
+}
+
 /// How long a device's queues may take to leave their cores once the driver ended them.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -539,6 +550,29 @@ impl Device {
     fn teardown(&mut self, pool: &CorePool) -> Option<Error> {
         let id = self.info.dev_id;
         let mut err = None;
+        // STOP_DEV waits for the requests in flight: a stuck backend (a hung file system, a
+        // vanished server, an injected delay) must not hold it forever. Past the drain limit
+        // the cores cancel the device's backend operations, which fails those requests.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = {
+            let done = Arc::clone(&done);
+            let cancel = pool.canceller(id);
+            let limit = drain_limit();
+            std::thread::Builder::new().name("drain-watch".into()).spawn(move || {
+                let t = Instant::now();
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    if t.elapsed() >= limit {
+                        log::warn!(
+                            "dev {id}: I/O still in flight after {} s of stopping: cancelling its backend operations (those requests fail)",
+                            limit.as_secs()
+                        );
+                        cancel();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
         if let Err(e) = self.ctrl.stop_dev(id) {
             // ENODEV/ENOENT: somebody (ublk-fast del) removed it already.
             if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) {
@@ -547,6 +581,10 @@ impl Device {
         }
         if let Err(e) = self.wait_left(pool) {
             err.get_or_insert(e);
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(w) = watch {
+            let _ = w.join();
         }
         // Not the waiting DEL_DEV: an application holding /dev/ublkbN open must not be able to
         // hang the service.

@@ -150,6 +150,11 @@ impl Submit for Sq<'_> {
         unsafe { self.ring.push(&sqe.user_data(ud.encode())) };
     }
 
+    fn request_user_data(&self, req: &Request, sub: u8) -> u64 {
+        let gen = self.slots.get(usize::from(req.tag)).map_or(0, |s| s.tag.gen);
+        UserData::new(self.queue, req.tag, Op::Target(sub), gen).encode()
+    }
+
     fn queue_user_data(&self, token: u16, sub: u8) -> u64 {
         UserData::new(self.queue, token, Op::Queue(sub), 0).encode()
     }
@@ -394,6 +399,14 @@ impl Queue {
     pub fn stop(&mut self, ring: &mut Ring) {
         self.stopping = true;
         self.end_handler(ring);
+    }
+
+    /// The device's I/O did not drain in time: the handler cancels its backend operations.
+    pub fn cancel_backend(&mut self, ring: &mut Ring) {
+        self.handle(ring, |h, io| {
+            h.cancel(io);
+            Flow::Pending
+        });
     }
 
     /// Tells the handler once that the queue is ending, so its queue-level operations finish.

@@ -106,6 +106,9 @@ pub trait Submit {
     fn finish(&mut self, tag: u16, res: i32);
     /// The core's clock for this loop turn (ns, CLOCK_MONOTONIC).
     fn now_ns(&self) -> u64;
+    /// The `user_data` of the request's current backend operation `sub` (pushed with
+    /// [`Submit::push`]), to cancel it.
+    fn request_user_data(&self, req: &Request, sub: u8) -> u64;
 }
 
 /// Serves one queue's requests. Lives on (and only on) that queue's thread.
@@ -126,6 +129,13 @@ pub trait QueueHandler {
     /// Requests still held are given up: the driver requeues or fails them once the queue's
     /// ring is gone. Called once.
     fn end(&mut self, io: &mut dyn Submit) {
+        let _ = io;
+    }
+    /// The device's I/O did not drain in time (the service is ending): cancel the backend
+    /// operations in flight so their requests complete (with an error) instead of holding the
+    /// device. Cancellations go through [`Submit::push_queue`]; their completions come to
+    /// `complete_queue`. Operations that cannot be cancelled finish in their own time.
+    fn cancel(&mut self, io: &mut dyn Submit) {
         let _ = io;
     }
 }

@@ -113,6 +113,7 @@ impl Target for FaultTarget {
             spec: self.spec.clone(),
             seen: 0,
             delay: Box::new(types::Timespec::from(self.spec.delay)),
+            delayed: vec![None; usize::from(depth)],
         }))
     }
 }
@@ -124,6 +125,8 @@ struct FaultQueue {
     seen: u64,
     /// The timer's timespec, at a stable address (the kernel reads it when the SQE is issued).
     delay: Box<types::Timespec>,
+    /// The requests being delayed (to cancel their timers when the device must drain).
+    delayed: Vec<Option<Request>>,
 }
 
 impl FaultQueue {
@@ -147,6 +150,9 @@ impl QueueHandler for FaultQueue {
             // SAFETY: the timespec is owned by this handler, which its core drops only after
             // its ring, and is never moved (boxed).
             unsafe { io.push(req, DELAY, sqe) };
+            if let Some(d) = self.delayed.get_mut(usize::from(req.tag)) {
+                *d = Some(*req);
+            }
             return Flow::Pending;
         }
         match self.spec.errno {
@@ -160,6 +166,9 @@ impl QueueHandler for FaultQueue {
             return self.inner.complete(req, sub, res, io);
         }
         debug_assert_eq!(sub, DELAY);
+        if let Some(d) = self.delayed.get_mut(usize::from(req.tag)) {
+            *d = None;
+        }
         // The timer expired (-ETIME) or was cancelled at shutdown: either way, go on.
         match self.spec.errno {
             Some(e) => Flow::Done(-e),
@@ -172,7 +181,21 @@ impl QueueHandler for FaultQueue {
     }
 
     fn complete_queue(&mut self, token: u16, sub: u8, res: i32, flags: u32, io: &mut dyn Submit) {
-        self.inner.complete_queue(token, sub, res, flags, io);
+        // Our own (timer removals) are at WRAPPER_SUB_OPS and above: nothing to do.
+        if sub < WRAPPER_SUB_OPS {
+            self.inner.complete_queue(token, sub, res, flags, io);
+        }
+    }
+
+    /// The delays end now (their requests go on as after the delay), and the inner target
+    /// cancels its own operations.
+    fn cancel(&mut self, io: &mut dyn Submit) {
+        for r in self.delayed.iter().flatten() {
+            let ud = io.request_user_data(r, DELAY);
+            // SAFETY: a timeout removal references no memory.
+            unsafe { io.push_queue(0, WRAPPER_SUB_OPS, opcode::TimeoutRemove::new(ud).build()) };
+        }
+        self.inner.cancel(io);
     }
 
     fn end(&mut self, io: &mut dyn Submit) {
@@ -197,6 +220,7 @@ mod tests {
             spec: s.clone(),
             seen: 0,
             delay: Box::new(types::Timespec::new()),
+            delayed: Vec::new(),
         };
         let mut picked = Vec::new();
         for n in 1..=9 {

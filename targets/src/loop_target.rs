@@ -346,6 +346,7 @@ impl Target for LoopTarget {
             done: vec![0; usize::from(depth)],
             is_blkdev: self.is_blkdev,
             no_blk_discard: false,
+            fixed_file: None,
             read_only: self.opts.read_only,
         }))
     }
@@ -366,6 +367,8 @@ struct LoopQueue {
     is_blkdev: bool,
     /// The kernel refused BLOCK_URING_CMD_DISCARD once (older than 6.12): discards fail fast.
     no_blk_discard: bool,
+    /// The backing file's fixed-file index on the ring (known from the first request).
+    fixed_file: Option<u32>,
     read_only: bool,
 }
 
@@ -438,6 +441,7 @@ impl LoopQueue {
 
 impl QueueHandler for LoopQueue {
     fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow {
+        self.fixed_file = Some(req.first_file);
         let op = req.desc.op();
         let writes = matches!(op, UBLK_IO_OP_WRITE | UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES);
         if writes && self.read_only {
@@ -521,6 +525,16 @@ impl QueueHandler for LoopQueue {
             }
             _ => Flow::Done(res.min(0)),
         }
+    }
+
+    /// Every operation on the backing file (this queue's fixed-file slot) is cancelled; each
+    /// completes with ECANCELED, which fails its request.
+    fn cancel(&mut self, io: &mut dyn Submit) {
+        let Some(f) = self.fixed_file else { return };
+        let sqe =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(f)).all()).build();
+        // SAFETY: a cancellation references no memory.
+        unsafe { io.push_queue(0, 0, sqe) };
     }
 }
 

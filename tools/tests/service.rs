@@ -371,3 +371,68 @@ fn a_crash_while_adding_leaves_no_unknown_device() {
     println!("the next service: {line}");
     assert!(!line.is_empty(), "the next service did not say why it deleted dev {id}");
 }
+
+/// A write stuck in its backend (the fault target holds it 60 s) does not hold `del` or
+/// SIGTERM past the drain limit (here 5 s, UBLK_FAST_DRAIN_LIMIT_S): the device's backend
+/// operations are cancelled, the write completes, the device goes.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn a_stuck_backend_holds_neither_del_nor_sigterm_past_the_drain_limit() {
+    require_driver();
+    shutdown_service();
+    let add = || {
+        let o = Command::new(bin())
+            .args(["fault", "--op", "write", "--delay-ms", "60000", "null", "--size", "16M"])
+            .env("UBLK_FAST_DRAIN_LIMIT_S", "5")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "add: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    };
+    let stuck_write = |path: &str| {
+        let w = Command::new("dd")
+            .args(["if=/dev/zero", &format!("of={path}"), "bs=4k", "count=1", "oflag=direct"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        w
+    };
+    // del
+    let path = add();
+    let id = path.trim_start_matches("/dev/ublkb").to_string();
+    let w = stuck_write(&path);
+    let t = Instant::now();
+    let o = ublk(&["del", "-n", &id]);
+    let took = t.elapsed();
+    let out = w.wait_with_output().unwrap();
+    println!(
+        "del with a write stuck for 60 s: {:?} after {took:.1?}; the write: {:?}",
+        o.status, out.status
+    );
+    assert!(o.status.success(), "del: {}", stderr(&o));
+    assert!(took < Duration::from_secs(20), "del took {took:?}");
+    assert!(wait_gone(&path));
+    // SIGTERM
+    let path = add();
+    let pid = daemons()[0];
+    let w = stuck_write(&path);
+    let t = Instant::now();
+    // SAFETY: signalling the service by pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the service still runs after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    let out = w.wait_with_output().unwrap();
+    println!(
+        "SIGTERM with a write stuck for 60 s: the service ended after {took:.1?}; the write: {:?}",
+        out.status
+    );
+    assert!(took < Duration::from_secs(20), "SIGTERM took {took:?}");
+    assert!(wait_gone(&path), "the device outlived its service");
+    let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
+    assert!(log.contains("cancelling its backend operations"), "no drain-limit line in the log");
+}

@@ -137,6 +137,8 @@ pub struct NbdQueue {
     order: Vec<u16>,
     /// Requests the lost connection had (partly) sent: sent again on the next one.
     resend: usize,
+    /// The device must drain now (the service ends): pending requests fail, no reconnect.
+    cancelled: bool,
 }
 
 impl NbdQueue {
@@ -193,6 +195,7 @@ impl NbdQueue {
             own_handle: 0,
             order: Vec::with_capacity(usize::from(depth)),
             resend: 0,
+            cancelled: false,
         }
     }
 
@@ -367,6 +370,16 @@ impl NbdQueue {
         self.maybe_closed(io);
     }
 
+    /// While reconnecting (no socket operation of a request in flight): fail what waits.
+    fn maybe_closed_now(&mut self, io: &mut dyn Submit) {
+        for s in self.slots.iter_mut().filter(|s| s.phase != Phase::Idle) {
+            s.phase = Phase::Idle;
+            io.finish(s.req.tag, -libc::EIO);
+        }
+        self.txq.clear();
+        self.tx_off = 0;
+    }
+
     /// Once nothing is in flight on the lost socket: close it, requeue what was not answered
     /// in its original order, and start reconnecting.
     fn maybe_closed(&mut self, io: &mut dyn Submit) {
@@ -391,7 +404,15 @@ impl NbdQueue {
         for &t in &self.order {
             self.txq.push_back(t);
         }
-        if self.ended {
+        if self.cancelled {
+            // Nothing is in flight on the socket any more: the buffers are ours to give back.
+            for s in self.slots.iter_mut().filter(|s| s.phase != Phase::Idle) {
+                s.phase = Phase::Idle;
+                io.finish(s.req.tag, -libc::EIO);
+            }
+            self.txq.clear();
+        }
+        if self.ended || self.cancelled {
             return self.shut(io);
         }
         self.attempts = 0;
@@ -788,6 +809,18 @@ impl QueueHandler for NbdQueue {
             sub::CANCEL => self.cancel_busy = false,
             _ => {}
         }
+    }
+
+    /// The service ends and this device did not drain: close the connection; once its send
+    /// and receive are back, every pending request fails with EIO.
+    fn cancel(&mut self, io: &mut dyn Submit) {
+        self.cancelled = true;
+        self.failing = true;
+        if self.conn == Conn::Up {
+            return self.lose(io, "the service ends and the device must drain");
+        }
+        // Not connected: nothing of theirs is in flight.
+        self.maybe_closed_now(io);
     }
 
     fn end(&mut self, io: &mut dyn Submit) {
