@@ -28,7 +28,7 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
 /// linux/blkdev.h: io_uring's block-device command (`_IO(0x12, 0)`): discard `addr3` bytes
 /// from offset `addr`.
-const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+pub(crate) const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
 
 #[derive(Clone, Debug, Default)]
 pub struct LoopOptions {
@@ -146,6 +146,11 @@ impl LoopTarget {
                 _ => invalid(path, e),
             })?;
         Self::adopt(file, path, opts)
+    }
+
+    /// Whether the backing store is a block device (not a regular file).
+    pub fn is_blkdev(&self) -> bool {
+        self.is_blkdev
     }
 
     /// Serves `file`, already opened as `open` opens `path` (by the CLI, in the caller's mount

@@ -3,7 +3,9 @@
 //! `(i / N) * chunk` (the layout of rublk's and ublksrv's stripe targets, and of md RAID-0 with
 //! one zone). A request is split at chunk boundaries into one backend operation per piece, all
 //! in flight at once on the queue's ring; a short piece is resumed for its remainder. FLUSH is
-//! an fdatasync of every member; FUA writes use RWF_DSYNC. No discard.
+//! an fdatasync of every member; FUA writes use RWF_DSYNC. DISCARD and WRITE_ZEROES are split
+//! the same way: a punched hole in a file member (it reads back as zeros), and on a block
+//! device the io_uring discard command or a zeroing fallocate.
 //!
 //! Each member is opened as the loop target opens its backing store (O_DIRECT checked,
 //! `flock`ed, block devices `O_EXCL`).
@@ -16,7 +18,7 @@ use ublk_fast_engine::target::{Flow, QueueHandler, Request, Submit, Target, Targ
 use ublk_fast_engine::uapi::*;
 use ublk_fast_engine::{Error, Result};
 
-use crate::loop_target::{LoopOptions, LoopTarget};
+use crate::loop_target::{LoopOptions, LoopTarget, BLOCK_URING_CMD_DISCARD};
 
 pub const MIN_MEMBERS: usize = 2;
 pub const MAX_MEMBERS: usize = 8;
@@ -108,7 +110,12 @@ impl Target for StripeTarget {
             logical_block: self.logical_block,
             physical_block: self.physical_block,
             attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA,
-            discard: None,
+            // As many chunks as a read or write may span: the pieces fit the sub-op byte.
+            discard: Some(ublk_fast_engine::target::DiscardLimits {
+                granularity: self.chunk,
+                max_discard_sectors: (self.chunk * PIECES_PER_IO) >> 9,
+                max_write_zeroes_sectors: (self.chunk * PIECES_PER_IO) >> 9,
+            }),
         }
     }
 
@@ -131,6 +138,7 @@ impl Target for StripeTarget {
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
         let max_pieces = PIECES_PER_IO as usize + 1;
         Ok(Box::new(StripeQueue {
+            blkdev: self.members.iter().map(|m| m.is_blkdev()).collect(),
             members: self.members.len() as u64,
             chunk: u64::from(self.chunk),
             done: vec![0; usize::from(depth) * max_pieces],
@@ -149,6 +157,8 @@ const PIECES_PER_IO: u32 = 64;
 const FLUSH: u8 = 0x7f;
 
 struct StripeQueue {
+    /// Which members are block devices (discard and zeroing differ from files).
+    blkdev: Vec<bool>,
     members: u64,
     chunk: u64,
     /// Bytes done of each piece of each tag's current request (`max_pieces` per tag).
@@ -188,6 +198,31 @@ impl StripeQueue {
         let off = req.offset();
         let end = off + req.bytes() as u64;
         (end - 1) / self.chunk - off / self.chunk + 1
+    }
+
+    /// DISCARD / WRITE_ZEROES of piece `k`: no data moves.
+    fn push_trim(&mut self, req: &Request, k: u64, io: &mut dyn Submit) {
+        let p = self.piece(req, k);
+        let f = req.file(p.member);
+        let discard = req.desc.op() == UBLK_IO_OP_DISCARD;
+        let sqe = if self.blkdev[p.member as usize] && discard {
+            let mut cmd = [0u8; 16];
+            cmd[..8].copy_from_slice(&p.len.to_ne_bytes());
+            opcode::UringCmd16::new(f, BLOCK_URING_CMD_DISCARD)
+                .addr(Some(p.member_off))
+                .cmd(cmd)
+                .build()
+        } else {
+            let mode = if self.blkdev[p.member as usize] {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            opcode::Fallocate::new(f, p.len).offset(p.member_off).mode(mode).build()
+        };
+        self.left[usize::from(req.tag)] += 1;
+        // SAFETY: neither command references memory.
+        unsafe { io.push(req, k as u8, sqe) };
     }
 
     fn push_piece(&mut self, req: &Request, k: u64, io: &mut dyn Submit) {
@@ -250,6 +285,17 @@ impl QueueHandler for StripeQueue {
                 }
                 Flow::Pending
             }
+            UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES => {
+                let n = self.pieces(req);
+                if req.bytes() == 0 || n as usize > self.max_pieces || n >= u64::from(FLUSH) {
+                    return Flow::Done(-libc::EINVAL);
+                }
+                self.err[usize::from(req.tag)] = 0;
+                for k in 0..n {
+                    self.push_trim(req, k, io);
+                }
+                Flow::Pending
+            }
             _ => Flow::Done(-libc::EOPNOTSUPP),
         }
     }
@@ -257,12 +303,14 @@ impl QueueHandler for StripeQueue {
     fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
         let t = usize::from(req.tag);
         self.left[t] -= 1;
-        if res <= 0 {
+        let rw = matches!(req.desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
+        // A fallocate or discard returns 0; a read or write of 0 bytes is EOF.
+        if res < 0 || (res == 0 && rw) {
             // A failed piece fails the request (EOF inside the device: the member shrank).
             if self.err[t] == 0 {
                 self.err[t] = if res == 0 { -libc::EIO } else { res };
             }
-        } else if sub != FLUSH {
+        } else if sub != FLUSH && rw {
             let k = u64::from(sub);
             let len = self.piece(req, k).len;
             let d = &mut self.done[t * self.max_pieces + k as usize];
@@ -275,8 +323,10 @@ impl QueueHandler for StripeQueue {
             return Flow::Pending;
         }
         match self.err[t] {
-            0 if sub == FLUSH => Flow::Done(0),
-            0 => Flow::Done(req.bytes() as i32),
+            0 if matches!(req.desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE) => {
+                Flow::Done(req.bytes() as i32)
+            }
+            0 => Flow::Done(0),
             e => Flow::Done(e),
         }
     }

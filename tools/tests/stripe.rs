@@ -1,6 +1,7 @@
 //! The stripe target: RAID-0 over files. Data written through the device reads back (fio
 //! crc32c verify, zero copy and copy), and lands where the layout says: chunk i of the device
-//! is chunk i / N of member i % N, checked byte for byte in the members after `del`.
+//! is chunk i / N of member i % N, checked byte for byte in the members after `del`; discard and
+//! write zeroes split the same way.
 
 mod common;
 
@@ -44,6 +45,15 @@ fn stripe_verifies_and_follows_its_layout() {
         ));
         let back = sh(&format!("dd if={} bs=1M iflag=direct status=none | sha256sum", dev.path));
         assert_eq!(back, sh("sha256sum < /tmp/stripe-img"), "{mode}: read back differs");
+        // Discard and write zeroes, split over the members like data: both read back zeros
+        // (from the device, and in the members where the layout puts them).
+        sh(&format!(
+            "blkdiscard -o 1M -l 2M {} && blkdiscard -z -o 8M -l 1M {}",
+            dev.path, dev.path
+        ));
+        sh("python3 -c \"f=open('/tmp/stripe-img','r+b'); [ (f.seek(o), f.write(bytes(l))) for o,l in ((1<<20,2<<20),(8<<20,1<<20)) ]\"");
+        let back = sh(&format!("dd if={} bs=1M iflag=direct status=none | sha256sum", dev.path));
+        assert_eq!(back, sh("sha256sum < /tmp/stripe-img"), "{mode}: discarded ranges");
         dev.del();
         let check = format!(
             "import sys\nc={}\nimg=open('/tmp/stripe-img','rb').read()\nm=[open(p,'rb').read() for p in sys.argv[1:]]\n\
