@@ -178,8 +178,9 @@ fn two_line(r: &DevRow, verbose: bool) -> String {
         out += &format!("\tflags {}\n", r.flags.join(" "));
         for (q, aff) in r.queue_affinity.iter().enumerate() {
             let n = r.queue_requests.get(q).copied().unwrap_or(0);
+            let oldest = r.queue_oldest_io_ms.get(q).copied().unwrap_or(0);
             out += &format!(
-                "\tqueue {q}: kernel CPUs {aff:?}, served on cpu{}, {n} requests\n",
+                "\tqueue {q}: kernel CPUs {aff:?}, served on cpu{}, {n} requests, oldest in flight {oldest} ms\n",
                 r.queue_cpus.get(q).copied().unwrap_or(0)
             );
         }
