@@ -193,6 +193,9 @@ pub struct Core {
     /// Polls in a row that ran out; past `POLL_PROBE` only every `POLL_PROBE`th busy turn polls.
     poll_misses: u32,
     turns: u32,
+    /// The longest poll its seated queues ask for (µs), kept as seats come and go so that no
+    /// loop turn walks the seats for it.
+    poll_us: u32,
     /// The once-a-second timer's timespec (boxed: the kernel reads it when the SQE is issued).
     tick: Box<types::Timespec>,
 }
@@ -237,6 +240,7 @@ impl Core {
             turn_busy: false,
             poll_misses: 0,
             turns: 0,
+            poll_us: 0,
             tick: Box::new(types::Timespec::new().sec(1)),
         };
         core.arm_wake();
@@ -321,6 +325,7 @@ impl Core {
         queue.start(&mut self.ring);
         self.seats[slot] =
             Some(Seat { queue, files: (files, nfiles), bufs: (bufs, nbufs), reply: None });
+        self.seats_changed();
         Ok(slot)
     }
 
@@ -408,6 +413,10 @@ impl Core {
         }
     }
 
+    fn seats_changed(&mut self) {
+        self.poll_us = self.seats.iter().flatten().map(|s| s.queue.poll_us()).max().unwrap_or(0);
+    }
+
     /// Lets every queue go that has nothing left in flight on the ring.
     fn release_finished(&mut self) {
         for slot in 0..self.seats.len() {
@@ -428,6 +437,7 @@ impl Core {
                     log::warn!("CPU {}: dev {dev_id} queue {q}: {e}", self.cfg.cpu);
                 }
                 self.departures.push(Gone { dev_id, q, exit, error: None });
+                self.seats_changed();
             }
         }
     }
@@ -497,7 +507,7 @@ impl Core {
         if !self.turn_busy || self.stopping {
             return None;
         }
-        let us = self.seats.iter().flatten().map(|s| s.queue.poll_us()).max().unwrap_or(0);
+        let us = self.poll_us;
         if us == 0 {
             return None;
         }
