@@ -14,7 +14,7 @@ set -uo pipefail
 OUT=$1; SECS=${2:-1200}
 B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
 W=$(mktemp -d /tmp/soak.XXXX)
-modprobe ublk_drv; modprobe brd rd_nr=1 rd_size=262144; modprobe dm_flakey
+modprobe ublk_drv; modprobe loop; modprobe brd rd_nr=1 rd_size=262144; modprobe dm_flakey
 log() { echo "[soak $(( $(date +%s) - T0 ))s] $*"; }
 T0=$(date +%s)
 PORT=9677
