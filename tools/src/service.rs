@@ -233,19 +233,10 @@ impl Node {
         let mut recorded = None;
         let created = Device::create(&cfg, Arc::clone(&target), &self.pool, &mut |id| {
             let rec = Record {
-                id,
-                pid: std::process::id() as i32,
-                target: target.name().to_string(),
-                args: target.args(),
-                backing: target.backing().unwrap_or_default(),
                 queues: cfg.queues,
                 depth: cfg.depth,
-                queue_cpus: Vec::new(),
-                queue_affinity: Vec::new(),
-                argv: argv.clone(),
-                cwd: cwd.to_string_lossy().into_owned(),
                 setup: "being created".into(),
-                backing_id: target.backing().and_then(|p| record::BackingId::of(&p).ok()),
+                ..record_of(id, target.as_ref(), argv.clone(), cwd)
             };
             if let Err(e) = rec.save() {
                 warn(format!("cannot write {}: {e}", record::path(id).display()));
@@ -276,19 +267,12 @@ impl Node {
     fn serve(&mut self, dev: Device, target: Arc<dyn Target>, argv: Vec<String>, cwd: &Path) {
         let id = dev.id();
         let rec = Record {
-            id,
-            pid: std::process::id() as i32,
-            target: target.name().to_string(),
-            args: target.args(),
-            backing: target.backing().unwrap_or_default(),
             queues: dev.info.nr_hw_queues,
             depth: dev.info.queue_depth,
             queue_cpus: dev.queue_cpus.clone(),
             queue_affinity: dev.queue_affinity.clone(),
-            argv,
-            cwd: cwd.to_string_lossy().into_owned(),
             setup: dev.setup.clone(),
-            backing_id: target.backing().and_then(|p| record::BackingId::of(&p).ok()),
+            ..record_of(id, target.as_ref(), argv, cwd)
         };
         if let Err(e) = rec.save() {
             warn(format!("cannot write {}: {e}", record::path(id).display()));
@@ -569,6 +553,25 @@ impl Node {
         }
         self.publish();
         self.pool.shutdown();
+    }
+}
+
+/// What this service records of device `id` served by `target`, before its geometry is known.
+fn record_of(id: u32, target: &dyn Target, argv: Vec<String>, cwd: &Path) -> Record {
+    Record {
+        id,
+        pid: std::process::id() as i32,
+        target: target.name().to_string(),
+        args: target.args(),
+        backing: target.backing().unwrap_or_default(),
+        queues: 0,
+        depth: 0,
+        queue_cpus: Vec::new(),
+        queue_affinity: Vec::new(),
+        argv,
+        cwd: cwd.to_string_lossy().into_owned(),
+        setup: String::new(),
+        backing_id: target.backing().and_then(|p| record::BackingId::of(&p).ok()),
     }
 }
 
