@@ -648,6 +648,15 @@ impl NbdQueue {
     }
 }
 
+/// Why a socket operation that returned `res` (0 or `-errno`) ended the connection.
+fn failure(res: i32, on_zero: &str) -> String {
+    if res == 0 {
+        on_zero.to_string()
+    } else {
+        std::io::Error::from_raw_os_error(-res).to_string()
+    }
+}
+
 /// The parser's view of the handler's requests.
 struct Answers<'a> {
     slots: &'a mut [Slot],
@@ -744,12 +753,7 @@ impl QueueHandler for NbdQueue {
                     return self.maybe_closed(io);
                 }
                 if res <= 0 {
-                    let why = if res == 0 {
-                        "the send made no progress".to_string()
-                    } else {
-                        std::io::Error::from_raw_os_error(-res).to_string()
-                    };
-                    return self.lose(io, &why);
+                    return self.lose(io, &failure(res, "the send made no progress"));
                 }
                 self.sent(res as usize);
                 if self.drain == Drain::Disc && self.txq.is_empty() {
@@ -763,12 +767,7 @@ impl QueueHandler for NbdQueue {
                     return self.maybe_closed(io);
                 }
                 if res <= 0 {
-                    let why = if res == 0 {
-                        "the server closed the connection".to_string()
-                    } else {
-                        std::io::Error::from_raw_os_error(-res).to_string()
-                    };
-                    return self.lose(io, &why);
+                    return self.lose(io, &failure(res, "the server closed the connection"));
                 }
                 if which == sub::RECV_DIRECT {
                     let mut own = self.own_handle;
