@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use ublk_fast_engine::stats::QueueStats;
 use ublk_fast_engine::target::{
     DiscardLimits, Flow, QueueHandler, Request, Submit, Target, TargetParams,
@@ -29,6 +29,22 @@ const BLKPBSZGET: libc::c_ulong = 0x127b;
 /// linux/blkdev.h: io_uring's block-device command (`_IO(0x12, 0)`): discard `addr3` bytes
 /// from offset `addr`.
 pub(crate) const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+
+/// A BLOCK_URING_CMD_DISCARD of `len` bytes at `offset` on `file`, issued from io_uring's
+/// worker (IOSQE_ASYNC). Issued inline, the kernel marks a one-bio discard REQ_NOWAIT, and a
+/// device without nowait support (device-mapper targets such as dm-delay or dm-flakey) fails
+/// it with EOPNOTSUPP instead of retrying: the discard would be lost, not deferred. A worker
+/// may block, the core thread still does not. Discards are rare; the hand-off costs little.
+pub(crate) fn blk_discard_sqe(file: types::Fixed, offset: u64, len: u64) -> squeue::Entry {
+    let mut cmd = [0u8; 16];
+    // The command area starts where `addr3` is: the length in bytes.
+    cmd[..8].copy_from_slice(&len.to_ne_bytes());
+    opcode::UringCmd16::new(file, BLOCK_URING_CMD_DISCARD)
+        .addr(Some(offset))
+        .cmd(cmd)
+        .build()
+        .flags(squeue::Flags::ASYNC)
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct LoopOptions {
@@ -432,13 +448,7 @@ impl LoopQueue {
     /// BLOCK_URING_CMD_DISCARD: the discard runs in the block layer, its completion comes
     /// back on the ring like any I/O.
     fn push_blk_discard(&mut self, req: &Request, io: &mut dyn Submit) {
-        let mut cmd = [0u8; 16];
-        // The command area starts where `addr3` is: the length in bytes.
-        cmd[..8].copy_from_slice(&(req.bytes() as u64).to_ne_bytes());
-        let sqe = opcode::UringCmd16::new(req.file(0), BLOCK_URING_CMD_DISCARD)
-            .addr(Some(req.offset()))
-            .cmd(cmd)
-            .build();
+        let sqe = blk_discard_sqe(req.file(0), req.offset(), req.bytes() as u64);
         // SAFETY: the command references no memory.
         unsafe { io.push(req, sub::BLK_DISCARD, sqe) };
     }

@@ -18,7 +18,7 @@ use ublk_fast_engine::target::{Flow, QueueHandler, Request, Submit, Target, Targ
 use ublk_fast_engine::uapi::*;
 use ublk_fast_engine::{Error, Result};
 
-use crate::loop_target::{LoopOptions, LoopTarget, BLOCK_URING_CMD_DISCARD};
+use crate::loop_target::{blk_discard_sqe, LoopOptions, LoopTarget};
 
 pub const MIN_MEMBERS: usize = 2;
 pub const MAX_MEMBERS: usize = 8;
@@ -206,12 +206,7 @@ impl StripeQueue {
         let f = req.file(p.member);
         let discard = req.desc.op() == UBLK_IO_OP_DISCARD;
         let sqe = if self.blkdev[p.member as usize] && discard {
-            let mut cmd = [0u8; 16];
-            cmd[..8].copy_from_slice(&p.len.to_ne_bytes());
-            opcode::UringCmd16::new(f, BLOCK_URING_CMD_DISCARD)
-                .addr(Some(p.member_off))
-                .cmd(cmd)
-                .build()
+            blk_discard_sqe(f, p.member_off, p.len)
         } else {
             let mode = if self.blkdev[p.member as usize] {
                 libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
