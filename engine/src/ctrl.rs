@@ -1,11 +1,14 @@
 //! The control plane: ublk control commands on `/dev/ublk-control`, one SQE128 `URING_CMD` each.
 //!
-//! Control commands are rare and synchronous (one in flight, waited for), so the buffers they
-//! point at live on the caller's stack for the whole command.
+//! Control commands are rare and synchronous: one is waited for at a time, for a bounded time.
+//! The kernel reads and writes a command's buffer through a bounce buffer that the control
+//! owns, so a command that outlives its wait (the kernel still working on it in its worker)
+//! never writes into memory that went back to the caller: that bounce buffer is leaked.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -14,11 +17,38 @@ use crate::uapi::*;
 
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
 
+/// How long a control command may take in the kernel before its caller is told. STOP_DEV waits
+/// for in-flight I/O (the service cancels backend I/O after its drain limit, 30 s), START_DEV
+/// and END_USER_RECOVERY for every queue's fetches, QUIESCE_DEV for its own timeout (added).
+/// `UBLK_FAST_CTRL_LIMIT_S` overrides it, for tests.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+/// Queries (GET_DEV_INFO, GET_PARAMS, GET_QUEUE_AFFINITY) wait behind a STOP_DEV that is
+/// still draining (the driver holds the device's lock): `list` must not hang on such a device.
+const QUERY_LIMIT: Duration = Duration::from_secs(5);
+
+fn command_limit() -> Duration {
+    std::env::var("UBLK_FAST_CTRL_LIMIT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(COMMAND_LIMIT, Duration::from_secs)
+}
+
+/// The largest buffer a command carries: GET_QUEUE_AFFINITY's 4096-CPU mask.
+const BOUNCE_LEN: usize = 512;
+
 /// An open `/dev/ublk-control` with its own small SQE128 ring.
 pub struct Control {
     // Field order is drop order: the ring goes before the file it refers to.
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     file: File,
+    /// What the kernel reads and writes for the command in flight (see the module comment).
+    bounce: Box<[u8; BOUNCE_LEN]>,
+    /// The user_data of the next command: a late completion of a command given up on is
+    /// recognised and skipped.
+    seq: u64,
+    /// Commands given up on, still in the kernel: their bounce buffers are leaked.
+    abandoned: u32,
 }
 
 /// Turns an io_uring setup failure into the reason a user can act on.
@@ -39,6 +69,28 @@ pub fn ring_setup_error(e: io::Error) -> Error {
             .hint("raise RLIMIT_MEMLOCK (ulimit -l) or lower --depth"),
         _ => Error::os("io_uring_setup", e),
     }
+}
+
+/// Types the kernel may read and write as bytes: repr(C) integers and arrays of them, without
+/// padding, for which every byte pattern is a valid value.
+///
+/// # Safety
+/// Only for such types.
+unsafe trait Plain: Sized {}
+// SAFETY: integers and arrays of integers.
+unsafe impl Plain for u64 {}
+// SAFETY: as above.
+unsafe impl Plain for [u64; 64] {}
+// SAFETY: repr(C) structs of integers (uapi.rs; their layout is checked by its tests).
+unsafe impl Plain for ublksrv_ctrl_dev_info {}
+// SAFETY: as above.
+unsafe impl Plain for ublk_params {}
+
+/// `t`'s bytes, for the kernel to read or fill.
+fn bytes_of<T: Plain>(t: &mut T) -> &mut [u8] {
+    // SAFETY: `Plain` types have no padding and accept any bytes; the slice borrows `t`
+    // mutably, so nothing else reads it meanwhile.
+    unsafe { std::slice::from_raw_parts_mut((t as *mut T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
 fn ctrl_cmd(dev_id: u32) -> ublksrv_ctrl_cmd {
@@ -70,50 +122,127 @@ impl Control {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(4)
             .map_err(ring_setup_error)?;
-        Ok(Control { ring, file })
+        Ok(Control { ring, file, bounce: Box::new([0; BOUNCE_LEN]), seq: 0, abandoned: 0 })
     }
 
-    /// Runs one command and returns its non-negative result.
-    fn run(&mut self, name: &'static str, op: u32, cmd: ublksrv_ctrl_cmd) -> Result<i32> {
+    /// Runs one command and returns its non-negative result; `buf` (at most 512 bytes) is what
+    /// the command reads and writes. Gives up after COMMAND_LIMIT, saying which command on
+    /// which device it waited for.
+    fn run(
+        &mut self,
+        name: &'static str,
+        op: u32,
+        cmd: ublksrv_ctrl_cmd,
+        buf: Option<&mut [u8]>,
+    ) -> Result<i32> {
+        self.run_for(name, op, cmd, buf, command_limit())
+    }
+
+    fn run_for(
+        &mut self,
+        name: &'static str,
+        op: u32,
+        mut cmd: ublksrv_ctrl_cmd,
+        buf: Option<&mut [u8]>,
+        limit: Duration,
+    ) -> Result<i32> {
         let dev = cmd.dev_id;
+        if let Some(b) = buf.as_deref() {
+            if b.len() > BOUNCE_LEN {
+                return Err(Error::invalid(format!("{name}: a {}-byte buffer", b.len())).dev(dev));
+            }
+            self.bounce[..b.len()].copy_from_slice(b);
+            cmd.addr = self.bounce.as_mut_ptr() as u64;
+            cmd.len = b.len() as u16;
+        }
         let mut raw = [0u8; 80];
         // SAFETY: ublksrv_ctrl_cmd is repr(C), 32 bytes without padding; copying its bytes into
         // the 80-byte command area is a plain byte copy.
         let bytes: [u8; 32] = unsafe { std::mem::transmute(cmd) };
         raw[..32].copy_from_slice(&bytes);
-        let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op).cmd(raw).build();
-        // SAFETY: the buffer `cmd.addr` points at (if any) belongs to our caller's frame, which
-        // outlives this call; we wait for the command's CQE before returning, so the kernel is
-        // done with it by then.
+        self.seq += 1;
+        let seq = self.seq;
+        let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
+            .cmd(raw)
+            .build()
+            .user_data(seq);
+        // SAFETY: the buffer `cmd.addr` points at is `self.bounce`, which stays put until the
+        // command's completion is seen below, or is leaked if we stop waiting for it first.
         unsafe {
             self.ring.submission().push(&sqe).map_err(|_| Error::exhausted("control ring full"))?;
         }
-        loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+        let deadline = Instant::now() + limit;
+        let res = loop {
+            if let Some(res) = self.reap(seq) {
+                break res;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.give_up(name, dev, limit));
+            }
+            match self.wait(left) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => {}
                 Err(e) => return Err(Error::os(name, e).dev(dev)),
             }
-        }
-        let cqe = self
-            .ring
-            .completion()
-            .next()
-            .ok_or_else(|| Error::os(name, io::Error::from_raw_os_error(libc::EIO)).dev(dev))?;
-        let res = cqe.result();
+        };
         if res < 0 {
             return Err(Error::errno(name, res).dev(dev));
         }
+        if let Some(b) = buf {
+            let n = b.len();
+            b.copy_from_slice(&self.bounce[..n]);
+        }
         Ok(res)
+    }
+
+    /// The result of command `seq` if it completed; late completions of abandoned commands are
+    /// dropped on the way.
+    fn reap(&mut self, seq: u64) -> Option<i32> {
+        let mut found = None;
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == seq {
+                found = Some(cqe.result());
+            } else {
+                self.abandoned = self.abandoned.saturating_sub(1);
+                log::info!(
+                    "control command #{} finished late (result {}), after it was given up on",
+                    cqe.user_data(),
+                    cqe.result()
+                );
+            }
+        }
+        found
+    }
+
+    /// Submits and waits for a completion, for at most `left` where the kernel can bound a
+    /// wait (IORING_FEAT_EXT_ARG, 5.11+); else without a bound.
+    fn wait(&mut self, left: Duration) -> io::Result<()> {
+        if !self.ring.params().is_feature_ext_arg() {
+            return self.ring.submit_and_wait(1).map(|_| ());
+        }
+        let ts = types::Timespec::from(left);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.ring.submitter().submit_with_args(1, &args).map(|_| ())
+    }
+
+    /// The command is still in the kernel: its bounce buffer is left to it for good.
+    fn give_up(&mut self, name: &'static str, dev: u32, limit: Duration) -> Error {
+        let old = std::mem::replace(&mut self.bounce, Box::new([0; BOUNCE_LEN]));
+        // The kernel may still write into it when the command ends: never freed.
+        std::mem::forget(old);
+        self.abandoned += 1;
+        Error::timeout(format!(
+            "{name} on dev {dev} did not finish within {} s: the kernel is still waiting (for in-flight I/O, or for the queues to fetch); it is left running",
+            limit.as_secs()
+        ))
     }
 
     /// The driver's feature flags (GET_FEATURES), the only source of truth for what it can do.
     pub fn features(&mut self) -> Result<u64> {
         let mut feat = 0u64;
-        let mut c = ctrl_cmd(u32::MAX);
-        c.addr = &mut feat as *mut u64 as u64;
-        c.len = UBLK_FEATURES_LEN as u16;
-        self.run("GET_FEATURES", UBLK_U_CMD_GET_FEATURES, c)
+        let c = ctrl_cmd(u32::MAX);
+        self.run("GET_FEATURES", UBLK_U_CMD_GET_FEATURES, c, Some(bytes_of(&mut feat)))
             .map_err(|e| e.hint("this ublk driver predates GET_FEATURES (Linux 6.5)"))?;
         Ok(feat)
     }
@@ -121,12 +250,12 @@ impl Control {
     /// ADD_DEV. `info.dev_id == u32::MAX` lets the kernel pick; the kernel's answer (id, flags
     /// it kept) is written back into `info`.
     pub fn add_dev(&mut self, info: &mut ublksrv_ctrl_dev_info) -> Result<()> {
-        let mut c = ctrl_cmd(info.dev_id);
-        c.addr = info as *mut ublksrv_ctrl_dev_info as u64;
-        c.len = std::mem::size_of::<ublksrv_ctrl_dev_info>() as u16;
-        self.run("ADD_DEV", UBLK_U_CMD_ADD_DEV, c).map_err(|e| match e.raw_errno() {
-            libc::EEXIST => e.hint("that device id is taken: pick another -n or leave it out"),
-            _ => e,
+        let c = ctrl_cmd(info.dev_id);
+        self.run("ADD_DEV", UBLK_U_CMD_ADD_DEV, c, Some(bytes_of(info))).map_err(|e| {
+            match e.raw_errno() {
+                libc::EEXIST => e.hint("that device id is taken: pick another -n or leave it out"),
+                _ => e,
+            }
         })?;
         Ok(())
     }
@@ -134,10 +263,8 @@ impl Control {
     pub fn set_params(&mut self, dev_id: u32, params: &ublk_params) -> Result<()> {
         let mut p = *params;
         p.len = std::mem::size_of::<ublk_params>() as u32;
-        let mut c = ctrl_cmd(dev_id);
-        c.addr = &mut p as *mut ublk_params as u64;
-        c.len = p.len as u16;
-        self.run("SET_PARAMS", UBLK_U_CMD_SET_PARAMS, c).map(|_| ())
+        let c = ctrl_cmd(dev_id);
+        self.run("SET_PARAMS", UBLK_U_CMD_SET_PARAMS, c, Some(bytes_of(&mut p))).map(|_| ())
     }
 
     pub fn get_params(&mut self, dev_id: u32) -> Result<ublk_params> {
@@ -146,10 +273,9 @@ impl Control {
             types: UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD | UBLK_PARAM_TYPE_DEVT,
             ..Default::default()
         };
-        let mut c = ctrl_cmd(dev_id);
-        c.addr = &mut p as *mut ublk_params as u64;
-        c.len = p.len as u16;
-        self.run("GET_PARAMS", UBLK_U_CMD_GET_PARAMS, c)?;
+        let c = ctrl_cmd(dev_id);
+        let limit = QUERY_LIMIT.min(command_limit());
+        self.run_for("GET_PARAMS", UBLK_U_CMD_GET_PARAMS, c, Some(bytes_of(&mut p)), limit)?;
         Ok(p)
     }
 
@@ -157,13 +283,13 @@ impl Control {
     pub fn start_dev(&mut self, dev_id: u32, daemon_pid: i32) -> Result<()> {
         let mut c = ctrl_cmd(dev_id);
         c.data[0] = daemon_pid as u64;
-        self.run("START_DEV", UBLK_U_CMD_START_DEV, c).map(|_| ())
+        self.run("START_DEV", UBLK_U_CMD_START_DEV, c, None).map(|_| ())
     }
 
     /// START_USER_RECOVERY: the device (QUIESCED or FAIL_IO, its old daemon gone) accepts a new
     /// daemon. EBUSY while the kernel has not yet noticed the old daemon's death.
     pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
-        self.run("START_USER_RECOVERY", UBLK_U_CMD_START_USER_RECOVERY, ctrl_cmd(dev_id))
+        self.run("START_USER_RECOVERY", UBLK_U_CMD_START_USER_RECOVERY, ctrl_cmd(dev_id), None)
             .map(|_| ())
     }
 
@@ -171,16 +297,18 @@ impl Control {
     pub fn end_user_recovery(&mut self, dev_id: u32, daemon_pid: i32) -> Result<()> {
         let mut c = ctrl_cmd(dev_id);
         c.data[0] = daemon_pid as u64;
-        self.run("END_USER_RECOVERY", UBLK_U_CMD_END_USER_RECOVERY, c).map(|_| ())
+        self.run("END_USER_RECOVERY", UBLK_U_CMD_END_USER_RECOVERY, c, None).map(|_| ())
     }
 
-    /// QUIESCE_DEV (UBLK_F_QUIESCE): waits up to `timeout_ms` (0: forever) until every queue
+    /// QUIESCE_DEV (UBLK_F_QUIESCE): waits up to `timeout_ms` (not 0: forever) until every queue
     /// has an idle tag, then aborts the daemon's fetches; once that daemon exits the device is
     /// QUIESCED and a new one can `recover` it. I/O waits meanwhile.
     pub fn quiesce_dev(&mut self, dev_id: u32, timeout_ms: u64) -> Result<()> {
         let mut c = ctrl_cmd(dev_id);
         c.data[0] = timeout_ms;
-        self.run("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, c).map(|_| ())
+        // The kernel waits up to timeout_ms itself; ours is that plus the usual limit.
+        let limit = command_limit() + Duration::from_millis(timeout_ms);
+        self.run_for("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, c, None, limit).map(|_| ())
     }
 
     /// UPDATE_SIZE (UBLK_F_UPDATE_SIZE, 6.16+): the device's capacity becomes `sectors`, while
@@ -188,28 +316,28 @@ impl Control {
     pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<()> {
         let mut c = ctrl_cmd(dev_id);
         c.data[0] = sectors;
-        self.run("UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE, c).map(|_| ())
+        self.run("UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE, c, None).map(|_| ())
     }
 
     /// TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV): STOP_DEV only if nobody has the block device
     /// open; EBUSY otherwise, and nothing changes.
     pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.run("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
+        self.run("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, ctrl_cmd(dev_id), None).map(|_| ())
     }
 
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id)).map(|_| ())
+        self.run("STOP_DEV", UBLK_U_CMD_STOP_DEV, ctrl_cmd(dev_id), None).map(|_| ())
     }
 
     /// DEL_DEV: returns once the device is gone, i.e. after its daemon closed `/dev/ublkcN`.
     pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.run("DEL_DEV", UBLK_U_CMD_DEL_DEV, ctrl_cmd(dev_id)).map(|_| ())
+        self.run("DEL_DEV", UBLK_U_CMD_DEL_DEV, ctrl_cmd(dev_id), None).map(|_| ())
     }
 
     /// DEL_DEV_ASYNC (6.9+): removes the device without waiting for its last opener to close
     /// `/dev/ublkbN`; the kernel frees it then. Falls back to DEL_DEV on older drivers.
     pub fn del_dev_nowait(&mut self, dev_id: u32) -> Result<()> {
-        match self.run("DEL_DEV_ASYNC", UBLK_U_CMD_DEL_DEV_ASYNC, ctrl_cmd(dev_id)) {
+        match self.run("DEL_DEV_ASYNC", UBLK_U_CMD_DEL_DEV_ASYNC, ctrl_cmd(dev_id), None) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_errno(), libc::EINVAL | libc::EOPNOTSUPP | libc::ENOTTY) => {
                 self.del_dev(dev_id)
@@ -220,10 +348,9 @@ impl Control {
 
     pub fn dev_info(&mut self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
         let mut info = ublksrv_ctrl_dev_info::default();
-        let mut c = ctrl_cmd(dev_id);
-        c.addr = &mut info as *mut ublksrv_ctrl_dev_info as u64;
-        c.len = std::mem::size_of::<ublksrv_ctrl_dev_info>() as u16;
-        self.run("GET_DEV_INFO", UBLK_U_CMD_GET_DEV_INFO, c)?;
+        let c = ctrl_cmd(dev_id);
+        let limit = QUERY_LIMIT.min(command_limit());
+        self.run_for("GET_DEV_INFO", UBLK_U_CMD_GET_DEV_INFO, c, Some(bytes_of(&mut info)), limit)?;
         Ok(info)
     }
 
@@ -231,10 +358,9 @@ impl Control {
     pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
         // 4096 CPUs; the kernel wants a multiple of sizeof(long) covering nr_cpu_ids.
         let mut mask = [0u64; 64];
-        let mut c = affinity_cmd(dev_id, q);
-        c.addr = mask.as_mut_ptr() as u64;
-        c.len = std::mem::size_of_val(&mask) as u16;
-        self.run("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, c).map_err(|e| e.queue(q))?;
+        let c = affinity_cmd(dev_id, q);
+        self.run("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, c, Some(bytes_of(&mut mask)))
+            .map_err(|e| e.queue(q))?;
         let mut cpus = Vec::new();
         for (w, word) in mask.iter().enumerate() {
             for b in 0..64 {
@@ -263,6 +389,14 @@ pub fn list_dev_ids() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_command_buffer_fits_the_bounce_buffer() {
+        assert!(std::mem::size_of::<ublk_params>() <= BOUNCE_LEN);
+        assert!(std::mem::size_of::<ublksrv_ctrl_dev_info>() <= BOUNCE_LEN);
+        assert_eq!(std::mem::size_of::<[u64; 64]>(), BOUNCE_LEN);
+        assert_eq!(bytes_of(&mut 0u64).len(), UBLK_FEATURES_LEN);
+    }
 
     #[test]
     fn queue_affinity_names_the_queue_in_data0() {

@@ -255,6 +255,17 @@ pub struct Device {
     pub setup: String,
     /// Where the kernel granted less than was asked (queues, depth, I/O size), one line each.
     pub notices: Vec<String>,
+    /// STOP_DEV outlived its wait (backend I/O the cores could not cancel): the kernel still
+    /// stops the device; `finish_stop` deletes it once its queues have left.
+    stop_pending: bool,
+}
+
+/// A `remove` that could not finish.
+pub struct Unremoved {
+    pub error: Error,
+    /// The device, when it is still stopping: give it to `finish_stop` once its queues have
+    /// left their cores (they report in the pool's departures).
+    pub stopping: Option<Box<Device>>,
 }
 
 /// How long a device being stopped may keep requests in flight before its backend operations
@@ -450,6 +461,7 @@ impl Device {
             seated: 0,
             setup: String::new(),
             notices: Vec::new(),
+            stop_pending: false,
         }
     }
 
@@ -574,6 +586,14 @@ impl Device {
             })
         };
         if let Err(e) = self.ctrl.stop_dev(id) {
+            if e.kind() == Some(crate::error::Kind::Timeout) {
+                // The kernel still works on it; waiting for the queues or deleting (which
+                // stops first, behind the same lock) would hang here too.
+                done.store(true, std::sync::atomic::Ordering::Release);
+                self.stop_pending = true;
+                log::warn!("{e}; dev {id} is deleted once its I/O completes");
+                return Some(e);
+            }
             // ENODEV/ENOENT: somebody (ublk-fast del) removed it already.
             if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) {
                 err = Some(e);
@@ -629,10 +649,24 @@ impl Device {
     }
 
     /// Stops and deletes the device.
-    pub fn remove(mut self, pool: &CorePool) -> Result<()> {
+    pub fn remove(mut self, pool: &CorePool) -> std::result::Result<(), Unremoved> {
         match self.teardown(pool) {
-            Some(e) => Err(e),
+            Some(error) if self.stop_pending => {
+                Err(Unremoved { error, stopping: Some(Box::new(self)) })
+            }
+            Some(error) => Err(Unremoved { error, stopping: None }),
             None => Ok(()),
+        }
+    }
+
+    /// The late end of a `remove` whose STOP_DEV outlived its wait: the queues have left
+    /// (their departures were taken); close `/dev/ublkcN` and delete the device.
+    pub fn finish_stop(mut self) -> Result<()> {
+        self.seated = 0;
+        self.cdev = None;
+        match self.ctrl.del_dev_nowait(self.info.dev_id) {
+            Err(e) if !matches!(e.raw_errno(), libc::ENODEV | libc::ENOENT) => Err(e),
+            _ => Ok(()),
         }
     }
 

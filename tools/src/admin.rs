@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use ublk_fast_engine::ctrl::{list_dev_ids, Control};
-use ublk_fast_engine::uapi::{feature_names, feature_uapi_name, state_name, ublksrv_ctrl_dev_info};
+use ublk_fast_engine::uapi::{
+    feature_names, feature_uapi_name, state_name, ublksrv_ctrl_dev_info, UBLK_S_DEV_LIVE,
+};
 
 use ublk_fast_engine::stats::{StatsRegion, COUNTER_NAMES};
 
@@ -94,21 +96,47 @@ pub fn dev_info(c: &mut Control, id: u32) -> Result<ublksrv_ctrl_dev_info, CliEr
     })
 }
 
+/// The device's geometry: (logical block, physical block, bytes). From sysfs while its disk
+/// exists: GET_PARAMS takes the driver's device lock, which a STOP_DEV still draining I/O
+/// holds, and a command stuck behind it would also hold this process at exit.
+fn geometry(c: &mut Control, id: u32, live: bool) -> Result<(u32, u32, u64), CliError> {
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/block/ublkb{id}/{f}")).ok()?.trim().parse().ok()
+    };
+    if let (Some(l), Some(p), Some(sectors)) =
+        (read("queue/logical_block_size"), read("queue/physical_block_size"), read("size"))
+    {
+        return Ok((l as u32, p as u32, sectors << 9));
+    }
+    if live {
+        // LIVE without a disk: a STOP_DEV is removing it (and holds the lock): nothing to ask.
+        return Ok((0, 0, 0));
+    }
+    let params = c.get_params(id).map_err(|e| CliError::runtime(e.to_string()))?;
+    Ok((
+        1 << params.basic.logical_bs_shift,
+        1 << params.basic.physical_bs_shift,
+        params.basic.dev_sectors << 9,
+    ))
+}
+
 fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
     let info = dev_info(c, id)?;
-    let params = c.get_params(id).map_err(|e| CliError::runtime(e.to_string()))?;
+    let live = info.state == UBLK_S_DEV_LIVE;
+    let (block_size, physical_block_size, size_bytes) = geometry(c, id, live)?;
+    let stopping = live && size_bytes == 0;
     let rec = Record::load(id);
     Ok(DevRow {
         id,
         block_device: format!("/dev/ublkb{id}"),
         char_device: format!("/dev/ublkc{id}"),
-        state: state_name(info.state).to_string(),
+        state: if stopping { "STOPPING".into() } else { state_name(info.state).to_string() },
         pid: info.ublksrv_pid,
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
-        block_size: 1 << params.basic.logical_bs_shift,
-        physical_block_size: 1 << params.basic.physical_bs_shift,
-        size_bytes: params.basic.dev_sectors << 9,
+        block_size,
+        physical_block_size,
+        size_bytes,
         max_io_bytes: info.max_io_buf_bytes,
         target: rec.as_ref().map(|r| r.target.clone()),
         setup: rec.as_ref().map(|r| r.setup.clone()),

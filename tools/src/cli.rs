@@ -3,6 +3,10 @@
 
 use clap::{Args, Parser, Subcommand};
 
+/// The longest `quiesce --timeout-ms`: the kernel's wait, plus the service's own bound on the
+/// command, stays within what a client waits for an answer.
+pub const QUIESCE_MAX_MS: u64 = 60_000;
+
 #[derive(Parser, Debug)]
 #[command(name = "ublk-fast", version, about = "A fast Linux ublk server", long_about = None)]
 #[command(subcommand_value_name = "COMMAND|TARGET")]
@@ -80,8 +84,9 @@ pub enum Command {
     Quiesce {
         #[arg(short = 'n', long = "id")]
         id: u32,
-        /// Give up if the I/O in flight has not drained by then
-        #[arg(long, value_name = "MS", default_value_t = 10_000)]
+        /// Give up if the I/O in flight has not drained by then (1 ms to 1 minute)
+        #[arg(long, value_name = "MS", default_value_t = 10_000,
+              value_parser = clap::value_parser!(u64).range(1..=QUIESCE_MAX_MS))]
         timeout_ms: u64,
     },
     /// Print the ublk driver's features

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use ublk_fast_engine::core::CorePool;
 use ublk_fast_engine::ctrl::{list_dev_ids, Control};
-use ublk_fast_engine::device::Device;
+use ublk_fast_engine::device::{Device, Unremoved};
 use ublk_fast_engine::ring::SqPoll;
 use ublk_fast_engine::target::Target;
 use ublk_fast_engine::uapi::*;
@@ -175,6 +175,8 @@ struct Served {
 struct Node {
     pool: CorePool,
     devices: BTreeMap<u32, Served>,
+    /// Deleted devices whose STOP_DEV outlived its wait, until their queues leave (reap).
+    stopping: BTreeMap<u32, Box<Device>>,
     exporter: Option<Arc<Exporter>>,
     opts: ServeOpts,
     /// When the last device went (for an auto-started service's grace period).
@@ -207,7 +209,7 @@ impl Node {
     }
 
     fn idle(&self) -> bool {
-        self.opts.exit_when_idle && self.devices.is_empty()
+        self.opts.exit_when_idle && self.devices.is_empty() && self.stopping.is_empty()
     }
 
     fn publish(&self) {
@@ -296,13 +298,25 @@ impl Node {
             Some(s) => {
                 self.publish();
                 self.went();
-                let r = s.dev.remove(&self.pool);
-                Record::remove(id);
-                match &r {
-                    Ok(()) => log(format!("dev {id}: deleted")),
-                    Err(e) => warn(format!("dev {id}: deleted, with an error: {e}")),
+                match s.dev.remove(&self.pool) {
+                    Ok(()) => {
+                        Record::remove(id);
+                        log(format!("dev {id}: deleted"));
+                        Ok(())
+                    }
+                    Err(Unremoved { error, stopping: Some(dev) }) => {
+                        // Its record stays until the late stop ends (reap).
+                        self.stopping.insert(id, dev);
+                        Err(CliError::runtime(format!(
+                            "{error}; the device is deleted once its I/O completes"
+                        )))
+                    }
+                    Err(Unremoved { error, stopping: None }) => {
+                        Record::remove(id);
+                        warn(format!("dev {id}: deleted, with an error: {error}"));
+                        Err(CliError::runtime(error.to_string()))
+                    }
                 }
-                r.map_err(|e| CliError::runtime(e.to_string()))
             }
             None => admin::del_one(&mut Control::open()?, id),
         }
@@ -361,6 +375,13 @@ impl Node {
     }
 
     fn quiesce(&mut self, id: u32, timeout_ms: u64) -> Result<(), CliError> {
+        if !(1..=crate::cli::QUIESCE_MAX_MS).contains(&timeout_ms) {
+            // 0 would let the kernel wait forever; longer than the client waits for an answer.
+            return Err(CliError::usage(format!(
+                "quiesce: timeout_ms {timeout_ms} is out of range: give 1 to {}",
+                crate::cli::QUIESCE_MAX_MS
+            )));
+        }
         let Some(s) = self.devices.get_mut(&id) else {
             let mut c = Control::open()?;
             admin::dev_info(&mut c, id)?;
@@ -509,6 +530,14 @@ impl Node {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
+            if let Some(dev) = self.stopping.remove(&id) {
+                match dev.finish_stop() {
+                    Ok(()) => log(format!("dev {id}: its late stop ended: deleted")),
+                    Err(e) => warn(format!("dev {id}: its late stop ended; deleting it: {e}")),
+                }
+                Record::remove(id);
+                continue;
+            }
             let failed = gone.iter().find(|g| g.dev_id == id).and_then(|g| g.error.clone());
             let Some(mut s) = self.devices.remove(&id) else { continue };
             match &failed {
@@ -532,8 +561,10 @@ impl Node {
             let flags = s.dev.info.flags;
             let keep = why == Ending::Signal && flags & UBLK_F_USER_RECOVERY != 0;
             if !keep {
-                if let Err(e) = s.dev.remove(&self.pool) {
-                    log(format!("dev {id}: {e}"));
+                if let Err(u) = s.dev.remove(&self.pool) {
+                    log(format!("dev {id}: {}", u.error));
+                    // Still stopping: the kernel ends it when this process's rings close.
+                    std::mem::forget(u.stopping);
                 }
                 Record::remove(id);
                 log(format!("dev {id}: deleted"));
@@ -806,6 +837,7 @@ fn start(opts: &ServeOpts) -> Result<Started, CliError> {
     let mut node = Node {
         pool,
         devices: BTreeMap::new(),
+        stopping: BTreeMap::new(),
         exporter: exporter.as_ref().map(|(_, x)| Arc::clone(x)),
         opts: opts.clone(),
         idle_since: Instant::now(),

@@ -434,3 +434,110 @@ fn a_stuck_backend_holds_neither_del_nor_sigterm_past_the_drain_limit() {
     let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
     assert!(log.contains("cancelling its backend operations"), "no drain-limit line in the log");
 }
+
+/// Runs `cmd` for at most 20 s: true if it succeeded. A command still running then is left
+/// (it may be stuck in the kernel), with the kernel's blocked-task report in the console.
+// A command stuck in the kernel cannot be waited for: it is deliberately left.
+#[allow(clippy::zombie_processes)]
+fn bounded(cmd: &mut Command, what: &str) -> bool {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.success();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stack = std::fs::read_to_string(format!("/proc/{}/stack", child.id())).unwrap_or_default();
+    println!("{what}: still running after 20 s; its stack:\n{stack}");
+    let _ = std::fs::write("/proc/sysrq-trigger", "w");
+    false
+}
+
+/// A write held below the backend, where io_uring cannot cancel it (a suspended device-mapper
+/// device keeps the bio), does not hang `del` or the service: STOP_DEV gives up after the
+/// control limit (here 4 s, UBLK_FAST_CTRL_LIMIT_S) with a line that names it, the service
+/// keeps answering and serving its other device, and once the backing device resumes the
+/// stop ends and the device is deleted.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn a_stop_the_kernel_cannot_finish_does_not_hang_the_service() {
+    require_driver();
+    if sh_any("modprobe dm_mod && modprobe loop && which dmsetup").status.code() != Some(0) {
+        skip("no device-mapper or dmsetup here");
+        return;
+    }
+    shutdown_service();
+    let file = "/var/tmp/ublk-fast-it-stuck.img";
+    sh(&format!("rm -f {file}; truncate -s 64M {file}"));
+    let kl = sh(&format!("losetup --direct-io=on -f --show {file}")).trim().to_string();
+    let name = "ublk-fast-it-stuck";
+    sh(&format!("dmsetup create {name} --table '0 131072 linear {kl} 0'"));
+    let dm = sh(&format!(
+        "for d in /sys/block/dm-*; do [ \"$(cat $d/dm/name)\" = {name} ] && basename $d; done; true"
+    ));
+    let mapper = format!("/dev/{}", dm.trim());
+    let env = [("UBLK_FAST_DRAIN_LIMIT_S", "1"), ("UBLK_FAST_CTRL_LIMIT_S", "4")];
+    let other = Dev::add_with_env(&["null", "--size", "16M"], &env);
+    let mut dev = Dev::add(&["loop", &mapper, "--no-part-scan"]);
+    let id = dev.id;
+    sh(&format!("dmsetup suspend {name}"));
+    let writer = Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", dev.path), "bs=4k", "count=1", "oflag=direct"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let o = ublk(&["del", "-n", &dev.id.to_string()]);
+    let took = t.elapsed();
+    println!(
+        "del with a write held by a suspended dm device: {:?} after {took:.1?}: {}",
+        o.status,
+        stderr(&o).trim()
+    );
+    // The service still answers, and serves its other device.
+    let t = Instant::now();
+    let listed = bounded(Command::new(bin()).arg("list"), "list");
+    let read = bounded(
+        Command::new("dd").args([
+            &format!("if={}", other.path),
+            "of=/dev/null",
+            "bs=4k",
+            "count=256",
+            "iflag=direct",
+        ]),
+        "a read on the other device",
+    );
+    println!(
+        "meanwhile: list ok {listed}, a read on the other device ok {read}, in {:.1?}",
+        t.elapsed()
+    );
+    sh(&format!("dmsetup resume {name}"));
+    let w = writer.wait_with_output().unwrap();
+    let gone = wait_gone(&dev.path);
+    // The block device goes when STOP_DEV ends; the service deletes the device just after.
+    let said = format!("dev {}: its late stop ended", dev.id);
+    let t = Instant::now();
+    let late = loop {
+        let log = std::fs::read_to_string("/run/ublk-fast/daemon.log").unwrap_or_default();
+        let line = log.lines().rev().find(|l| l.contains(&said)).map(str::to_string);
+        if line.is_some() || t.elapsed() > Duration::from_secs(10) {
+            break line;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("after resume: the write {:?}, device gone: {gone}, log: {late:?}", w.status);
+    if gone {
+        dev.id = u32::MAX;
+    }
+    other.del();
+    let _ = sh_any(&format!("dmsetup remove {name}; losetup -d {kl}; rm -f {file}"));
+    assert!(!o.status.success(), "del succeeded with its STOP_DEV held");
+    let said = format!("STOP_DEV on dev {} did not finish within 4 s", id);
+    assert!(stderr(&o).contains(&said), "{}", stderr(&o));
+    assert!(took < Duration::from_secs(20), "del took {took:?}");
+    assert!(listed && read, "the service stopped serving");
+    assert!(gone, "the device was not deleted once its stop ended");
+    assert!(late.is_some(), "no line saying the late stop ended");
+}
