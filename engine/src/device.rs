@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::mode::{Commands, Data, Mode};
 use crate::queue::QueueConfig;
 use crate::stats::StatsRegion;
-use crate::target::{Target, TargetParams};
+use crate::target::{Integrity, Target, TargetParams};
 use crate::uapi::*;
 
 /// What the user asked for, independent of the target.
@@ -234,6 +234,20 @@ pub fn ublk_params(p: &TargetParams, max_io_bytes: u32) -> ublk_params {
     out
 }
 
+/// The driver's integrity parameters for `i`.
+pub fn integrity_params(i: &Integrity) -> ublk_param_integrity {
+    ublk_param_integrity {
+        flags: i.flags,
+        max_integrity_segments: 0,
+        interval_exp: i.interval_exp,
+        metadata_size: i.metadata_size,
+        pi_offset: i.pi_offset,
+        csum_type: i.csum,
+        tag_size: i.tag_size,
+        ..Default::default()
+    }
+}
+
 /// A device served by the service's cores.
 pub struct Device {
     ctrl: Control,
@@ -309,7 +323,25 @@ impl Device {
     ) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
-        let mode = resolve_mode(cfg, features, target.supports_zero_copy())?;
+        let integrity = target.integrity();
+        let mode = match integrity {
+            None => resolve_mode(cfg, features, target.supports_zero_copy())?,
+            Some(_) => {
+                if features & UBLK_F_INTEGRITY == 0 {
+                    return Err(Error::unsupported(
+                        "--metadata-size: this kernel's ublk driver does not offer INTEGRITY (Linux 7.0+ built with CONFIG_BLK_DEV_INTEGRITY); leave it out",
+                    ));
+                }
+                if cfg.zero_copy == ZeroCopy::On {
+                    return Err(Error::invalid(
+                        "--metadata-size moves data by user copy: leave --zero-copy=on out",
+                    ));
+                }
+                // The driver hands metadata over only by user copy.
+                let uc = DeviceConfig { user_copy: true, ..cfg.clone() };
+                resolve_mode(&uc, features, false)?
+            }
+        };
         // Copy modes lock depth x max I/O per queue: deep queues get smaller buffers.
         let mut asked = DeviceConfig {
             max_io_bytes: if mode.uses_arena() {
@@ -355,6 +387,9 @@ impl Device {
                 feature_names(want & !features).join(", ")
             )));
         }
+        if integrity.is_some() {
+            flags |= UBLK_F_INTEGRITY;
+        }
         flags |= want;
         if want != 0 {
             // Lets an operator hand the device to a new service without an I/O error.
@@ -375,7 +410,18 @@ impl Device {
         let mut dev = Device::new(ctrl, info, features, mode);
         dev.notices = target_notices;
         dev.notices.extend(granted_notices(&asked, &granted));
-        let params = ublk_params(&target.params(), granted.max_io_bytes);
+        let mut params = ublk_params(&target.params(), granted.max_io_bytes);
+        if let Some(i) = integrity {
+            if dev.info.flags & UBLK_F_INTEGRITY == 0 {
+                // ADD_DEV drops what the kernel was built without.
+                dev.teardown(pool);
+                return Err(Error::unsupported(
+                    "--metadata-size: this kernel was built without block integrity (CONFIG_BLK_DEV_INTEGRITY); leave it out",
+                ));
+            }
+            params.types |= UBLK_PARAM_TYPE_INTEGRITY;
+            params.integrity = integrity_params(&i);
+        }
         let r = dev
             .ctrl
             .set_params(dev.info.dev_id, &params)
@@ -513,6 +559,7 @@ impl Device {
                 mode: self.mode,
                 poll_us: cfg.poll_us,
                 slow_io_ms: cfg.slow_io_ms,
+                integrity: target.integrity().filter(|_| self.info.flags & UBLK_F_INTEGRITY != 0),
             };
             let cpu = self.queue_cpus[usize::from(q)];
             let setup = pool.add_queue(cpu, qcfg, Arc::clone(&target)).map_err(|e| e.dev(id))?;

@@ -27,6 +27,10 @@ pub enum Op {
     CopyIn,
     /// User copy: read data from the tag's buffer into the request's pages.
     CopyOut,
+    /// Integrity: a WRITE's metadata from the request into the tag's metadata buffer.
+    MetaIn,
+    /// Integrity: a READ's metadata from the tag's metadata buffer into the request.
+    MetaOut,
     /// The core's wake-up eventfd is readable (a stop was asked for); not tied to a queue.
     Wake,
     /// A queue-level operation of the target (not tied to a request), with its sub-op byte;
@@ -51,6 +55,8 @@ impl Op {
             Op::Wake => (9, 0),
             Op::Queue(sub) => (10, sub),
             Op::Tick => (11, 0),
+            Op::MetaIn => (12, 0),
+            Op::MetaOut => (13, 0),
         }
     }
 
@@ -68,6 +74,8 @@ impl Op {
             9 => Op::Wake,
             10 => Op::Queue(sub),
             11 => Op::Tick,
+            12 => Op::MetaIn,
+            13 => Op::MetaOut,
             _ => return None,
         })
     }
@@ -121,6 +129,8 @@ mod tests {
             Op::UnregBuf,
             Op::CopyIn,
             Op::CopyOut,
+            Op::MetaIn,
+            Op::MetaOut,
             Op::Wake,
             Op::Queue(0),
             Op::Queue(200),
@@ -132,7 +142,7 @@ mod tests {
                 assert_eq!(UserData::decode(u.encode()), Some(u));
             }
         }
-        assert_eq!(UserData::decode(12 << 16), None);
+        assert_eq!(UserData::decode(14 << 16), None);
         assert_eq!(UserData::decode(u64::MAX), None);
     }
 }

@@ -24,7 +24,7 @@ use crate::ratelimit::RateLimit;
 use crate::ring::Ring;
 use crate::stats::{op_index, QueueStats, StatsRegion};
 use crate::tag::{Tag, TagState};
-use crate::target::{Flow, QueueHandler, Request, Submit};
+use crate::target::{Flow, Integrity, QueueHandler, Request, Submit};
 use crate::uapi::*;
 
 pub struct QueueConfig {
@@ -41,6 +41,8 @@ pub struct QueueConfig {
     pub poll_us: u32,
     /// A request outstanding longer than this (ms) is logged once and counted (0: never).
     pub slow_io_ms: u32,
+    /// Per-sector metadata (user copy only): each tag gets a buffer for its request's.
+    pub integrity: Option<Integrity>,
 }
 
 /// Where a queue's share of its core ring's tables lies.
@@ -67,6 +69,9 @@ struct Slot {
     manual_reg: bool,
     /// User copy: the result a READ commits once its data is copied out.
     copy_out_res: i32,
+    /// User copy: copies (data, metadata) still in flight, and the first one's failure.
+    copies: u8,
+    copy_err: i32,
     /// The handler holds the request ([`Flow::Held`]) until it calls `Submit::finish`.
     held: bool,
     /// The current request was reported slow.
@@ -208,6 +213,10 @@ pub struct Queue {
     now_ns: u64,
     /// Bounds this queue's log lines (errors can come with every request).
     log_budget: RateLimit,
+    /// Integrity: every tag's metadata buffer (`meta_per_tag` bytes each), allocated once;
+    /// the slots' requests point into it (kept only to own the memory).
+    _meta: Box<[u8]>,
+    meta_per_tag: usize,
 }
 
 impl Queue {
@@ -263,6 +272,10 @@ impl Queue {
             None
         };
         let zc = cfg.mode.zero_copy();
+        let meta_per_tag =
+            cfg.integrity.map_or(0, |i| i.bytes_for(u64::from(cfg.max_io_bytes)) as usize);
+        let mut meta = vec![0u8; meta_per_tag * usize::from(depth)].into_boxed_slice();
+        let meta_base = meta.as_mut_ptr();
         let slots = (0..depth)
             .map(|tag| Slot {
                 tag: Tag::new(),
@@ -274,10 +287,15 @@ impl Queue {
                     buf_index: zc.then_some(at.buf_base + tag),
                     buf_reg: (!zc).then_some(at.buf_base + tag),
                     first_file: at.file_base + 1,
+                    // A boxed slice's elements stay where they are when the box moves.
+                    meta: meta_base.wrapping_add(usize::from(tag) * meta_per_tag),
+                    meta_len: 0,
                 },
                 start_ns: 0,
                 manual_reg: false,
                 copy_out_res: 0,
+                copies: 0,
+                copy_err: 0,
                 held: false,
                 slow: false,
             })
@@ -301,6 +319,8 @@ impl Queue {
             prepped: None,
             now_ns: 0,
             log_budget: RateLimit::default(),
+            _meta: meta,
+            meta_per_tag,
         })
     }
 
@@ -530,6 +550,40 @@ impl Queue {
         unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
     }
 
+    /// Integrity: moves the request's `len` metadata bytes between the tag's metadata buffer
+    /// and the request (in for MetaIn, out for MetaOut), next to its data's user copy.
+    fn push_meta_copy(&mut self, ring: &mut Ring, tag: u16, op: Op, len: u32) {
+        let off = user_copy_offset(self.cfg.q, tag, 0) | UBLKSRV_IO_INTEGRITY_FLAG;
+        let buf = self.slots[usize::from(tag)].req.meta;
+        let cdev = types::Fixed(self.at.file_base);
+        let t = &mut self.slots[usize::from(tag)].tag;
+        t.issue();
+        self.backend_inflight += 1;
+        let ud = UserData::new(self.at.slot, tag, op, t.gen);
+        let sqe = if op == Op::MetaIn {
+            opcode::Read::new(cdev, buf, len).offset(off).build()
+        } else {
+            opcode::Write::new(cdev, buf, len).offset(off).build()
+        };
+        // SAFETY: `buf..buf+len` lies in the tag's metadata buffer (len <= meta_per_tag,
+        // checked at delivery), owned by `self.meta`, which outlives the ring.
+        unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
+    }
+
+    /// User copy: starts a request's copies (its data, and its metadata if it has any).
+    fn push_copies(&mut self, ring: &mut Ring, tag: u16, inbound: bool, len: u32) {
+        let s = &mut self.slots[usize::from(tag)];
+        let meta = s.req.meta_len as u32;
+        s.copies = 1 + u8::from(meta > 0);
+        s.copy_err = 0;
+        let (data_op, meta_op) =
+            if inbound { (Op::CopyIn, Op::MetaIn) } else { (Op::CopyOut, Op::MetaOut) };
+        self.push_user_copy(ring, tag, data_op, len);
+        if meta > 0 {
+            self.push_meta_copy(ring, tag, meta_op, meta);
+        }
+    }
+
     /// Runs the target's handler with the ring's submission side.
     fn handle(
         &mut self,
@@ -632,19 +686,30 @@ impl Queue {
                     self.log(Some(tag), "UNREGISTER_IO_BUF", res);
                 }
             }
-            Op::CopyIn | Op::CopyOut => {
+            Op::CopyIn | Op::CopyOut | Op::MetaIn | Op::MetaOut => {
                 if !self.slots[usize::from(tag)].tag.reap(ud.gen) {
                     return false;
                 }
                 self.backend_inflight -= 1;
-                let s = &self.slots[usize::from(tag)];
-                let want = if ud.op == Op::CopyIn { s.req.bytes() as i32 } else { s.copy_out_res };
-                let short = if res < 0 { res } else { -libc::EIO };
-                match (ud.op, res == want) {
-                    (Op::CopyIn, true) => self.start_request(ring, tag),
-                    (Op::CopyIn, false) => self.settle(ring, tag, Flow::Done(short)),
-                    (_, true) => self.commit(ring, tag, want),
-                    (_, false) => self.commit(ring, tag, short),
+                let s = &mut self.slots[usize::from(tag)];
+                let want = match ud.op {
+                    Op::CopyIn => s.req.bytes() as i32,
+                    Op::CopyOut => s.copy_out_res,
+                    _ => s.req.meta_len as i32,
+                };
+                if res != want && s.copy_err == 0 {
+                    s.copy_err = if res < 0 { res } else { -libc::EIO };
+                }
+                s.copies = s.copies.saturating_sub(1);
+                if s.copies > 0 {
+                    return true;
+                }
+                let (err, done) = (s.copy_err, s.copy_out_res);
+                match (matches!(ud.op, Op::CopyIn | Op::MetaIn), err) {
+                    (true, 0) => self.start_request(ring, tag),
+                    (true, e) => self.settle(ring, tag, Flow::Done(e)),
+                    (false, 0) => self.commit(ring, tag, done),
+                    (false, e) => self.commit(ring, tag, e),
                 }
             }
             Op::BatchPrep => {
@@ -703,6 +768,19 @@ impl Queue {
         let stats = self.cfg.stats.queue(self.cfg.q);
         QueueStats::bump(&stats.io_now, 1);
         let has_data = matches!(desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
+        let meta = match self.cfg.integrity {
+            Some(i) if has_data && desc.flags() & UBLK_IO_F_INTEGRITY != 0 => {
+                i.bytes_for(u64::from(desc.nr_sectors) * 512) as usize
+            }
+            _ => 0,
+        };
+        let s = &mut self.slots[usize::from(tag)];
+        s.req.meta_len = meta;
+        if meta > self.meta_per_tag {
+            // Larger than the device's maximum I/O allows: the driver would not send it.
+            self.warn(Some(tag), "a request's metadata exceeds its buffer");
+            return self.settle(ring, tag, Flow::Done(-libc::EIO));
+        }
         if self.cfg.mode.zero_copy() && has_data && desc.flags() & UBLK_IO_F_NEED_REG_BUF != 0 {
             // Auto registration failed: register it ourselves, then serve.
             QueueStats::bump(&stats.zero_copy_fallbacks, 1);
@@ -714,9 +792,9 @@ impl Queue {
             self.backend_inflight += 1;
             self.push_buf_cmd(ring, tag, Op::RegBuf);
         } else if self.cfg.mode.user_copy() && desc.op() == UBLK_IO_OP_WRITE {
-            // Fetch the data to write into our buffer first.
+            // Fetch the data to write (and its metadata) into our buffers first.
             let len = s.req.bytes() as u32;
-            self.push_user_copy(ring, tag, Op::CopyIn, len);
+            self.push_copies(ring, tag, true, len);
         } else {
             self.start_request(ring, tag);
         }
@@ -830,7 +908,7 @@ impl Queue {
         if self.cfg.mode.user_copy() && read && res > 0 {
             // Hand the data read to the request's pages, then commit.
             s.copy_out_res = res;
-            self.push_user_copy(ring, tag, Op::CopyOut, res as u32);
+            self.push_copies(ring, tag, false, res as u32);
             return;
         }
         self.commit(ring, tag, res);

@@ -450,6 +450,18 @@ pub fn queue_desc_map_offset(q: u16, page: u64) -> u64 {
 }
 
 /// User-copy mode: the pread/pwrite offset on `/dev/ublkcN` of byte `off` of a request.
+/// Integrity: ORed into a user-copy offset, it addresses the request's metadata instead of
+/// its data (the offset below it then counts metadata bytes).
+pub const UBLKSRV_IO_INTEGRITY_FLAG: u64 = 1 << 62;
+
+/// `LBMD_PI_CAP_*` and `LBMD_PI_CSUM_*` (linux/fs.h), for the integrity parameters.
+pub const LBMD_PI_CAP_INTEGRITY: u32 = 1 << 0;
+pub const LBMD_PI_CAP_REFTAG: u32 = 1 << 1;
+pub const LBMD_PI_CSUM_NONE: u8 = 0;
+pub const LBMD_PI_CSUM_IP: u8 = 1;
+pub const LBMD_PI_CSUM_CRC16_T10DIF: u8 = 2;
+pub const LBMD_PI_CSUM_CRC64_NVME: u8 = 4;
+
 pub fn user_copy_offset(q: u16, tag: u16, off: u64) -> u64 {
     UBLKSRV_IO_BUF_OFFSET
         + ((u64::from(q) << UBLK_QID_OFF) | (u64::from(tag) << UBLK_TAG_OFF) | off)

@@ -6,7 +6,9 @@
 //! BLOCK_URING_CMD_DISCARD (Linux 6.12+) on the queue's ring, never a synchronous ioctl (a long
 //! discard would stall every request of the queue); where the kernel lacks the command, the
 //! request fails with EOPNOTSUPP (discard is advisory) rather than blocking. WRITE_ZEROES is a
-//! fallocate ZERO_RANGE, or a hole when the request allows unmapping.
+//! fallocate ZERO_RANGE, or a hole when the request allows unmapping. With `--metadata-size`
+//! each READ/WRITE also reads/writes its metadata in the metadata file (`loop_meta`), beside
+//! the data and in parallel with it; such a device offers no discard.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,8 +19,10 @@ use std::path::{Path, PathBuf};
 use io_uring::{opcode, squeue, types};
 use ublk_fast_engine::stats::QueueStats;
 use ublk_fast_engine::target::{
-    DiscardLimits, Flow, QueueHandler, Request, Submit, Target, TargetParams,
+    DiscardLimits, Flow, Integrity, QueueHandler, Request, Submit, Target, TargetParams,
 };
+
+use crate::loop_meta::{MetaSpec, MetaStore};
 use ublk_fast_engine::uapi::*;
 use ublk_fast_engine::{Error, Result};
 
@@ -63,6 +67,7 @@ pub struct LoopTarget {
     logical_block: u32,
     physical_block: u32,
     opts: LoopOptions,
+    meta: Option<MetaStore>,
 }
 
 /// `--block-size` must be a logical block size the kernel takes.
@@ -247,12 +252,34 @@ impl LoopTarget {
             logical_block: logical,
             physical_block: physical,
             opts: opts.clone(),
+            meta: None,
         })
+    }
+
+    /// Adds per-sector metadata (`--metadata-size`), kept in `path` (`file` if the CLI opened
+    /// it already).
+    pub fn with_metadata(
+        mut self,
+        file: Option<File>,
+        path: &Path,
+        spec: MetaSpec,
+    ) -> Result<Self> {
+        let store = match file {
+            Some(f) => MetaStore::adopt(f, path, spec, self.size, self.logical_block)?,
+            None => {
+                MetaStore::open(path, spec, self.size, self.logical_block, self.opts.read_only)?
+            }
+        };
+        self.meta = Some(store);
+        Ok(self)
     }
 
     /// Discard limits: a block device's own, a file's from its filesystem block.
     fn discard_limits(&self) -> Option<DiscardLimits> {
-        if !self.opts.discard || self.opts.read_only {
+        // A discarded range would read back as zeros with its old metadata, which no longer
+        // matches: a device with metadata offers no discard (write-zeroes the kernel then does
+        // with ordinary writes, metadata included).
+        if !self.opts.discard || self.opts.read_only || self.meta.is_some() {
             return None;
         }
         let all = u32::MAX >> 9;
@@ -310,6 +337,9 @@ impl Target for LoopTarget {
         if !self.opts.discard {
             a.push("--no-discard".into());
         }
+        if let Some(m) = &self.meta {
+            a.extend(m.args());
+        }
         a
     }
 
@@ -355,15 +385,26 @@ impl Target for LoopTarget {
     }
 
     fn files(&self) -> Vec<RawFd> {
-        vec![self.file.as_raw_fd()]
+        let mut f = vec![self.file.as_raw_fd()];
+        f.extend(self.meta.as_ref().map(|m| m.file.as_raw_fd()));
+        f
     }
 
     fn supports_zero_copy(&self) -> bool {
         true
     }
 
+    fn integrity(&self) -> Option<Integrity> {
+        self.meta.as_ref().map(|m| m.integrity)
+    }
+
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
+        let n = usize::from(depth);
         Ok(Box::new(LoopQueue {
+            meta: self.integrity(),
+            meta_busy: vec![false; n],
+            meta_err: vec![0; n],
+            data_res: vec![None; n],
             done: vec![0; usize::from(depth)],
             is_blkdev: self.is_blkdev,
             no_blk_discard: false,
@@ -380,9 +421,18 @@ mod sub {
     pub const PUNCH: u8 = 2;
     pub const ZERO_RANGE: u8 = 3;
     pub const BLK_DISCARD: u8 = 4;
+    /// The request's metadata (read, write or fsync of the metadata file).
+    pub const META: u8 = 5;
 }
 
 struct LoopQueue {
+    /// The device's metadata layout, if it has metadata.
+    meta: Option<Integrity>,
+    /// Per tag: its metadata operation is in flight; the first error of the two halves; the
+    /// data half's result once it finished first.
+    meta_busy: Vec<bool>,
+    meta_err: Vec<i32>,
+    data_res: Vec<Option<i32>>,
     /// Bytes already transferred for each tag's current READ/WRITE.
     done: Vec<u32>,
     is_blkdev: bool,
@@ -445,6 +495,65 @@ impl LoopQueue {
         unsafe { io.push(req, which, sqe) };
     }
 
+    /// The request's metadata half: its read or write in the metadata file, or that file's
+    /// fsync for a FLUSH. It runs next to the data half; the request ends when both have.
+    fn push_meta(&mut self, req: &Request, io: &mut dyn Submit) {
+        let Some(m) = self.meta else { return };
+        let t = usize::from(req.tag);
+        let op = req.desc.op();
+        let sqe = match op {
+            UBLK_IO_OP_FLUSH => {
+                opcode::Fsync::new(req.file(1)).flags(types::FsyncFlags::DATASYNC).build()
+            }
+            UBLK_IO_OP_READ | UBLK_IO_OP_WRITE if req.meta_len > 0 => {
+                let off = m.bytes_for(req.offset());
+                let len = req.meta_len as u32;
+                if op == UBLK_IO_OP_READ {
+                    opcode::Read::new(req.file(1), req.meta, len).offset(off).build()
+                } else {
+                    let fua = req.desc.flags() & UBLK_IO_F_FUA != 0;
+                    opcode::Write::new(req.file(1), req.meta, len)
+                        .offset(off)
+                        .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                        .build()
+                }
+            }
+            _ => return,
+        };
+        self.meta_busy[t] = true;
+        // SAFETY: `req.meta..+meta_len` is the tag's metadata buffer, which the engine keeps
+        // alive and untouched until the request is committed; an fsync references no memory.
+        unsafe { io.push(req, sub::META, sqe) };
+    }
+
+    /// Ends the data half with `flow`; the request ends once its metadata half has too.
+    fn join(&mut self, tag: u16, flow: Flow) -> Flow {
+        let t = usize::from(tag);
+        match flow {
+            Flow::Done(r) if self.meta_busy[t] => {
+                self.data_res[t] = Some(r);
+                Flow::Pending
+            }
+            Flow::Done(r) if r >= 0 && self.meta_err[t] < 0 => Flow::Done(self.meta_err[t]),
+            f => f,
+        }
+    }
+
+    /// The metadata half finished.
+    fn meta_done(&mut self, req: &Request, res: i32) -> Flow {
+        let t = usize::from(req.tag);
+        self.meta_busy[t] = false;
+        let want = if req.desc.op() == UBLK_IO_OP_FLUSH { 0 } else { req.meta_len as i32 };
+        if res != want {
+            self.meta_err[t] = if res < 0 { res } else { -libc::EIO };
+        }
+        match self.data_res[t].take() {
+            Some(r) => self.join(req.tag, Flow::Done(r)),
+            // The data half is still in flight.
+            None => Flow::Pending,
+        }
+    }
+
     /// BLOCK_URING_CMD_DISCARD: the discard runs in the block layer, its completion comes
     /// back on the ring like any I/O.
     fn push_blk_discard(&mut self, req: &Request, io: &mut dyn Submit) {
@@ -456,6 +565,45 @@ impl LoopQueue {
 
 impl QueueHandler for LoopQueue {
     fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow {
+        if self.meta.is_some() {
+            let t = usize::from(req.tag);
+            (self.meta_busy[t], self.meta_err[t], self.data_res[t]) = (false, 0, None);
+        }
+        let flow = self.start_data(req, io);
+        if flow == Flow::Pending && self.meta.is_some() {
+            self.push_meta(req, io);
+        }
+        flow
+    }
+
+    fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
+        if sub == sub::META {
+            return self.meta_done(req, res);
+        }
+        let flow = self.complete_data(req, sub, res, io);
+        self.join(req.tag, flow)
+    }
+
+    /// Every operation on the backing file (this queue's fixed-file slot) is cancelled; each
+    /// completes with ECANCELED, which fails its request.
+    fn cancel(&mut self, io: &mut dyn Submit) {
+        let Some(f) = self.fixed_file else { return };
+        let sqe =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(f)).all()).build();
+        // SAFETY: a cancellation references no memory.
+        unsafe { io.push_queue(0, 0, sqe) };
+        if self.meta.is_some() {
+            let sqe =
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(f + 1)).all())
+                    .build();
+            // SAFETY: as above.
+            unsafe { io.push_queue(0, 0, sqe) };
+        }
+    }
+}
+
+impl LoopQueue {
+    fn start_data(&mut self, req: &Request, io: &mut dyn Submit) -> Flow {
         self.fixed_file = Some(req.first_file);
         let op = req.desc.op();
         let writes = matches!(op, UBLK_IO_OP_WRITE | UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES);
@@ -504,7 +652,7 @@ impl QueueHandler for LoopQueue {
         }
     }
 
-    fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
+    fn complete_data(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
         match sub {
             sub::RW => {
                 if res < 0 {
@@ -540,16 +688,6 @@ impl QueueHandler for LoopQueue {
             }
             _ => Flow::Done(res.min(0)),
         }
-    }
-
-    /// Every operation on the backing file (this queue's fixed-file slot) is cancelled; each
-    /// completes with ECANCELED, which fails its request.
-    fn cancel(&mut self, io: &mut dyn Submit) {
-        let Some(f) = self.fixed_file else { return };
-        let sqe =
-            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(f)).all()).build();
-        // SAFETY: a cancellation references no memory.
-        unsafe { io.push_queue(0, 0, sqe) };
     }
 }
 

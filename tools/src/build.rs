@@ -10,7 +10,7 @@ use ublk_fast_engine::cpus::parse_cpu_list;
 use ublk_fast_engine::device::DeviceConfig;
 use ublk_fast_engine::target::Target;
 use ublk_fast_targets::{
-    FaultSpec, FaultTarget, LoopOptions, LoopTarget, NbdOptions, NbdTarget, NullTarget,
+    FaultSpec, FaultTarget, LoopOptions, LoopTarget, MetaSpec, NbdOptions, NbdTarget, NullTarget,
     StripeTarget,
 };
 
@@ -43,11 +43,30 @@ fn loop_target(
         discard: !a.no_discard,
     };
     let path = cwd.join(&a.path);
+    let usage = |e: ublk_fast_engine::Error| CliError::usage(e.to_string());
     let t = match given.pop() {
         Some(f) => LoopTarget::adopt(f, &path, &opts),
         None => LoopTarget::open(&path, &opts),
+    }
+    .map_err(usage)?;
+    let Some(metadata_size) = a.metadata_size else { return Ok(Arc::new(t)) };
+    let meta_path = match &a.metadata_file {
+        Some(p) => cwd.join(p),
+        None if t.is_blkdev() => {
+            return Err(CliError::usage(format!(
+                "loop {}: --metadata-size on a block device needs --metadata-file PATH",
+                path.display()
+            )))
+        }
+        None => {
+            let mut p = path.clone().into_os_string();
+            p.push(".meta");
+            p.into()
+        }
     };
-    Ok(Arc::new(t.map_err(|e| CliError::usage(e.to_string()))?))
+    let spec =
+        MetaSpec { metadata_size, csum: a.pi.csum(), pi_offset: a.pi_offset, reftag: a.pi_reftag };
+    Ok(Arc::new(t.with_metadata(given.pop(), &meta_path, spec).map_err(usage)?))
 }
 
 fn stripe_target(

@@ -477,6 +477,49 @@ pub struct LoopArgs {
     /// Do not advertise discard / write-zeroes
     #[arg(long)]
     pub no_discard: bool,
+    /// Per-block metadata bytes (UBLK_F_INTEGRITY, Linux 7.0+), kept in --metadata-file; the
+    /// device then moves data by user copy and offers no discard
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u8).range(1..))]
+    pub metadata_size: Option<u8>,
+    /// Where the metadata lives (default: the backing file's path + ".meta"; a new or empty
+    /// file is filled with the 0xFF escape pattern)
+    #[arg(long, value_name = "PATH", requires = "metadata_size")]
+    pub metadata_file: Option<std::path::PathBuf>,
+    /// Protection information in the metadata, generated and checked by the kernel
+    #[arg(long, value_enum, default_value_t = PiKind::None, requires = "metadata_size")]
+    pub pi: PiKind,
+    /// Where the PI tuple sits inside each block's metadata
+    #[arg(long, value_name = "BYTES", default_value_t = 0, requires = "metadata_size")]
+    pub pi_offset: u8,
+    /// Type 1 protection: the reference tag carries the block number
+    #[arg(long, requires = "metadata_size")]
+    pub pi_reftag: bool,
+}
+
+/// `--pi`: the checksum of the protection information.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PiKind {
+    /// Metadata without protection information (nothing checked)
+    None,
+    /// IP checksum (8-byte tuple)
+    Ip,
+    /// T10 DIF CRC16 (8-byte tuple)
+    T10dif,
+    /// NVMe CRC64 (16-byte tuple)
+    Nvme,
+}
+
+impl PiKind {
+    /// `LBMD_PI_CSUM_*`.
+    pub fn csum(self) -> u8 {
+        use ublk_fast_engine::uapi::*;
+        match self {
+            PiKind::None => LBMD_PI_CSUM_NONE,
+            PiKind::Ip => LBMD_PI_CSUM_IP,
+            PiKind::T10dif => LBMD_PI_CSUM_CRC16_T10DIF,
+            PiKind::Nvme => LBMD_PI_CSUM_CRC64_NVME,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -152,6 +152,8 @@ impl NbdQueue {
                 buf_index: None,
                 buf_reg: None,
                 first_file: 0,
+                meta: std::ptr::null_mut(),
+                meta_len: 0,
             },
             phase: Phase::Idle,
             handle: 0,
