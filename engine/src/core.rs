@@ -198,6 +198,10 @@ pub struct Core {
     poll_us: u32,
     /// The once-a-second timer's timespec (boxed: the kernel reads it when the SQE is issued).
     tick: Box<types::Timespec>,
+    /// Adds waiting for their answer, and whether a queue may be winding down: the loop turn
+    /// walks the seats for either only when there is one, not once per turn for every queue.
+    awaiting_adds: usize,
+    check_release: bool,
 }
 
 /// After this many polls in a row that found nothing, poll on one busy turn in this many.
@@ -242,6 +246,8 @@ impl Core {
             turns: 0,
             poll_us: 0,
             tick: Box::new(types::Timespec::new().sec(1)),
+            awaiting_adds: 0,
+            check_release: false,
         };
         core.arm_wake();
         core.arm_tick();
@@ -351,6 +357,7 @@ impl Core {
         };
         if self.mailbox.stop.load(Ordering::Acquire) && !self.stopping {
             self.stopping = true;
+            self.check_release = true;
             for s in self.seats.iter_mut().flatten() {
                 s.queue.stop(&mut self.ring);
             }
@@ -368,6 +375,7 @@ impl Core {
                         Ok(slot) => {
                             if let Some(s) = self.seats[slot].as_mut() {
                                 s.reply = Some(reply);
+                                self.awaiting_adds += 1;
                             }
                         }
                         Err(e) => {
@@ -392,12 +400,16 @@ impl Core {
     /// Answers adds whose queue is ready (per-tag at once, batch once PREP completed); a
     /// refused PREP fails the add and the queue leaves.
     fn answer_adds(&mut self) {
+        if self.awaiting_adds == 0 {
+            return;
+        }
         let describe = |q: &Queue| self_describe(&self.ring, self.cfg.sqpoll.is_some(), q);
         let mut failed = Vec::new();
         for (slot, seat) in self.seats.iter_mut().enumerate() {
             let Some(s) = seat else { continue };
             let Some(res) = s.queue.prepped() else { continue };
             if let Some(reply) = s.reply.take() {
+                self.awaiting_adds = self.awaiting_adds.saturating_sub(1);
                 if res == 0 {
                     let _ = reply.send(Ok(describe(&s.queue)));
                 } else {
@@ -409,6 +421,7 @@ impl Core {
         for slot in failed {
             if let Some(s) = self.seats[slot].as_mut() {
                 s.queue.stop(&mut self.ring);
+                self.check_release = true;
             }
         }
     }
@@ -419,6 +432,9 @@ impl Core {
 
     /// Lets every queue go that has nothing left in flight on the ring.
     fn release_finished(&mut self) {
+        if !self.check_release {
+            return;
+        }
         for slot in 0..self.seats.len() {
             let done = self.seats[slot].as_ref().is_some_and(|s| s.queue.removable());
             if !done {
@@ -427,6 +443,7 @@ impl Core {
             if let Some(s) = self.seats[slot].take() {
                 self.clear_tables(s.files, s.bufs);
                 if let Some(reply) = s.reply {
+                    self.awaiting_adds = self.awaiting_adds.saturating_sub(1);
                     let _ = reply.send(Err(Error::failed("the queue ended during setup")));
                 }
                 let (dev_id, q) = s.queue.id();
@@ -440,6 +457,8 @@ impl Core {
                 self.seats_changed();
             }
         }
+        // Keep looking while a queue still drains.
+        self.check_release = self.seats.iter().flatten().any(|s| s.queue.winding_down());
     }
 
     fn check_ring(&self) -> Result<()> {
@@ -576,6 +595,8 @@ impl Core {
         };
         if !s.queue.complete(&mut self.ring, ud, res, flags, now) {
             self.unexpected(raw, res, Some(usize::from(ud.queue)));
+        } else if s.queue.winding_down() {
+            self.check_release = true;
         }
     }
 

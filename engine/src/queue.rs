@@ -366,6 +366,11 @@ impl Queue {
             && self.batch.as_ref().is_none_or(|b| !b.commits_in_flight())
     }
 
+    /// Stopping, or every tag ended: the queue may soon be removable (the core then checks).
+    pub fn winding_down(&self) -> bool {
+        self.stopping || self.live_tags == 0
+    }
+
     pub fn poll_us(&self) -> u32 {
         self.cfg.poll_us
     }
