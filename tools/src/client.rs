@@ -82,22 +82,27 @@ pub fn ensure(opts: &ServeOpts) -> Result<(Status, bool), CliError> {
         if let Some(c) = opts.sqpoll_cpu {
             cmd.arg("--sqpoll-cpu").arg(c.to_string());
         }
-        let out = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .output()
+            .spawn()
             .map_err(|e| CliError::runtime(format!("cannot start the service: {e}")))?;
-        if out.status.success() {
+        // `serve` exits once the service is READY, has failed, or did not report in time; the
+        // service it forked keeps stderr open until it is ready, so read only what is there.
+        let st = child
+            .wait()
+            .map_err(|e| CliError::runtime(format!("cannot start the service: {e}")))?;
+        if st.success() {
             if let Some(s) = status() {
                 return Ok((s, true));
             }
             continue;
         }
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = child.stderr.take().map(read_available).unwrap_or_default();
         let msg = err.lines().last().unwrap_or("").trim_start_matches("ublk-fast: error: ");
         if !msg.contains("already runs") {
-            return Err(CliError { msg: msg.to_string(), code: out.status.code().unwrap_or(1) });
+            return Err(CliError { msg: msg.to_string(), code: st.code().unwrap_or(1) });
         }
         // Another command started one meanwhile: use it.
     }
@@ -116,4 +121,25 @@ pub fn outcome(r: Response) -> Result<Response, CliError> {
             code: r.exit_code.unwrap_or(1),
         })
     }
+}
+
+/// What `pipe` holds now, without waiting for its writers to close it.
+fn read_available(pipe: std::process::ChildStderr) -> String {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own, setting O_NONBLOCK.
+    unsafe {
+        let fl = libc::fcntl(pipe.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(pipe.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let mut pipe = pipe;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = pipe.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -771,6 +771,11 @@ fn run(opts: ServeOpts, mut ready: Option<File>, first: Option<Op>) -> Result<()
             }
         }
     }
+    if let Some(s) = std::env::var("UBLK_FAST_TEST_HOLD_READY_S").ok().and_then(|v| v.parse().ok())
+    {
+        // Test hook: a service slow to take its devices over.
+        std::thread::sleep(Duration::from_secs(s));
+    }
     report(&mut ready, "READY");
     if ready.take().is_some() {
         detach_stdio();
@@ -902,6 +907,56 @@ pub fn run_foreground(opts: ServeOpts, first: Option<Op>) -> Result<(), CliError
     run(opts, None, first)
 }
 
+/// How long a starting service may take to report READY: it takes every recorded device over
+/// first, each control command of which is itself bounded.
+const READY_WAIT: Duration = Duration::from_secs(300);
+
+/// The lines the starting service `pid` writes on `rd` until it closes it, each waited for at
+/// most until READY_WAIT from now; past that, an error that says what was waited for (the
+/// service keeps starting).
+fn ready_lines(rd: File, pid: i32) -> Result<Vec<String>, CliError> {
+    // UBLK_FAST_READY_WAIT_S overrides it, for tests.
+    let wait = std::env::var("UBLK_FAST_READY_WAIT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(READY_WAIT, Duration::from_secs);
+    let deadline = Instant::now() + wait;
+    let mut buf = Vec::new();
+    let mut rd = rd;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd { fd: rd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: polls one descriptor we own, described by a local pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n == 0 {
+            return Err(CliError::runtime(format!(
+                "the service (pid {pid}) did not report READY within {} s; it is still taking devices over (see its log)",
+                wait.as_secs()
+            )));
+        }
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(CliError::runtime(format!("poll: {}", std::io::Error::last_os_error())));
+        }
+        let mut chunk = [0u8; 512];
+        match std::io::Read::read(&mut rd, &mut chunk) {
+            Ok(0) => break,
+            Ok(k) => {
+                buf.extend_from_slice(&chunk[..k]);
+                // READY ends the wait as soon as it arrives.
+                if buf.split(|&b| b == b'\n').any(|l| l == b"READY") {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CliError::runtime(format!("read from the service: {e}"))),
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).lines().map(str::to_string).collect())
+}
+
 /// Forks the service; returns once it serves (or failed, with its reason).
 pub fn run_background(opts: ServeOpts) -> Result<i32, CliError> {
     let mut fds = [0; 2];
@@ -936,7 +991,7 @@ pub fn run_background(opts: ServeOpts) -> Result<i32, CliError> {
         libc::close(fds[1]);
         File::from_raw_fd(fds[0])
     };
-    for line in BufReader::new(rd).lines().map_while(Result::ok) {
+    for line in ready_lines(rd, pid)? {
         if line == "READY" {
             return Ok(pid);
         }

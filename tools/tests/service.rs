@@ -541,3 +541,37 @@ fn a_stop_the_kernel_cannot_finish_does_not_hang_the_service() {
     assert!(gone, "the device was not deleted once its stop ended");
     assert!(late.is_some(), "no line saying the late stop ended");
 }
+
+/// A command that starts the service does not wait for it forever: past the READY wait (here
+/// 3 s, UBLK_FAST_READY_WAIT_S; the service holds READY 20 s through a test hook) it fails with
+/// a line saying what it waited for, and no device is left.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn a_command_waits_for_a_starting_service_only_so_long() {
+    require_driver();
+    shutdown_service();
+    let before = dev_ids();
+    let t = Instant::now();
+    let o = Command::new(bin())
+        .args(["null", "--size", "16M"])
+        .env("UBLK_FAST_READY_WAIT_S", "3")
+        .env("UBLK_FAST_TEST_HOLD_READY_S", "20")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    println!(
+        "add while the service holds READY: {:?} after {took:.1?}: {}",
+        o.status,
+        stderr(&o).trim()
+    );
+    assert!(!o.status.success(), "the add succeeded");
+    assert!(stderr(&o).contains("did not report READY within 3 s"), "{}", stderr(&o));
+    assert!(took < Duration::from_secs(15), "the add took {took:?}");
+    assert_eq!(dev_ids(), before, "a device was left");
+    // The service, once ready, is reachable and serves; then it goes.
+    std::thread::sleep(Duration::from_secs(20));
+    let dev = Dev::add(&["null", "--size", "16M"]);
+    dev.del();
+    shutdown_service();
+}
