@@ -488,8 +488,14 @@ fn slow_backend_io_is_logged_counted_and_its_age_shown() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1300));
-    let oldest = dev.info()["queue_oldest_io_ms"][0].as_u64().unwrap_or(0);
+    // The age is published by a once-a-second check: watch it for as long as the write is in
+    // flight (1.5 s, so at least one check sees it, at 500 ms or more if it is the last one).
+    let mut writer = writer;
+    let mut oldest = 0;
+    while writer.try_wait().unwrap().is_none() {
+        oldest = oldest.max(dev.info()["queue_oldest_io_ms"][0].as_u64().unwrap_or(0));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let out = writer.wait_with_output().unwrap();
     assert!(out.status.success(), "the slow write failed");
     // Its check runs every second: wait for the one after the write completed.
