@@ -28,10 +28,7 @@ pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 const QUERY_LIMIT: Duration = Duration::from_secs(5);
 
 fn command_limit() -> Duration {
-    std::env::var("UBLK_FAST_CTRL_LIMIT_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(COMMAND_LIMIT, Duration::from_secs)
+    crate::limits::from_env("UBLK_FAST_CTRL_LIMIT_S", COMMAND_LIMIT)
 }
 
 /// The largest buffer a command carries: GET_QUEUE_AFFINITY's 4096-CPU mask.

@@ -287,10 +287,7 @@ pub struct Unremoved {
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 fn drain_limit() -> Duration {
-    std::env::var("UBLK_FAST_DRAIN_LIMIT_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(DRAIN_LIMIT, Duration::from_secs)
+    crate::limits::from_env("UBLK_FAST_DRAIN_LIMIT_S", DRAIN_LIMIT)
 }
 
 /// How long a device's queues may take to leave their cores once the driver ended them.

@@ -10,6 +10,7 @@ pub mod ctrl;
 pub mod desc;
 pub mod device;
 pub mod error;
+pub mod limits;
 pub mod mode;
 pub mod op;
 pub mod queue;

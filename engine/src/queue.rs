@@ -533,11 +533,14 @@ impl Queue {
         self.at.buf_base + self.cfg.depth + tag
     }
 
-    /// User copy: moves `len` bytes between the tag's buffer and its request's pages through
-    /// `/dev/ublkcN` (in for CopyIn, out for CopyOut).
+    /// User copy: moves `len` bytes through `/dev/ublkcN` between the request and the tag's
+    /// buffers: its data (CopyIn, CopyOut: the I/O buffer) or its metadata (MetaIn, MetaOut:
+    /// the metadata buffer, at the offset with UBLKSRV_IO_INTEGRITY_FLAG).
     fn push_user_copy(&mut self, ring: &mut Ring, tag: u16, op: Op, len: u32) {
-        let off = user_copy_offset(self.cfg.q, tag, 0);
-        let buf = self.bufs.ptr(tag);
+        let meta = matches!(op, Op::MetaIn | Op::MetaOut);
+        let off =
+            user_copy_offset(self.cfg.q, tag, 0) | if meta { UBLKSRV_IO_INTEGRITY_FLAG } else { 0 };
+        let buf = if meta { self.slots[usize::from(tag)].req.meta } else { self.bufs.ptr(tag) };
         let cdev = types::Fixed(self.at.file_base);
         let t = &mut self.slots[usize::from(tag)].tag;
         t.issue();
@@ -545,33 +548,15 @@ impl Queue {
         let ud = UserData::new(self.at.slot, tag, op, t.gen);
         // Plain READ/WRITE: the driver accepts only user-backed memory here (a fixed buffer's
         // bvec iterator gets EACCES).
-        let sqe = if op == Op::CopyIn {
+        let sqe = if matches!(op, Op::CopyIn | Op::MetaIn) {
             opcode::Read::new(cdev, buf, len).offset(off).build()
         } else {
             opcode::Write::new(cdev, buf, len).offset(off).build()
         };
-        // SAFETY: `buf..buf+len` is the tag's buffer (len <= max I/O size, checked by the
-        // driver against the request), owned by `self.bufs`, which outlives the ring.
-        unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
-    }
-
-    /// Integrity: moves the request's `len` metadata bytes between the tag's metadata buffer
-    /// and the request (in for MetaIn, out for MetaOut), next to its data's user copy.
-    fn push_meta_copy(&mut self, ring: &mut Ring, tag: u16, op: Op, len: u32) {
-        let off = user_copy_offset(self.cfg.q, tag, 0) | UBLKSRV_IO_INTEGRITY_FLAG;
-        let buf = self.slots[usize::from(tag)].req.meta;
-        let cdev = types::Fixed(self.at.file_base);
-        let t = &mut self.slots[usize::from(tag)].tag;
-        t.issue();
-        self.backend_inflight += 1;
-        let ud = UserData::new(self.at.slot, tag, op, t.gen);
-        let sqe = if op == Op::MetaIn {
-            opcode::Read::new(cdev, buf, len).offset(off).build()
-        } else {
-            opcode::Write::new(cdev, buf, len).offset(off).build()
-        };
-        // SAFETY: `buf..buf+len` lies in the tag's metadata buffer (len <= meta_per_tag,
-        // checked at delivery), owned by `self.meta`, which outlives the ring.
+        // SAFETY: `buf..buf+len` is the tag's I/O buffer (len <= max I/O size, checked by the
+        // driver against the request), owned by `self.bufs`, or lies in its metadata buffer
+        // (len <= meta_per_tag, checked at delivery), owned by `self._meta`; both outlive the
+        // ring.
         unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
     }
 
@@ -585,7 +570,7 @@ impl Queue {
             if inbound { (Op::CopyIn, Op::MetaIn) } else { (Op::CopyOut, Op::MetaOut) };
         self.push_user_copy(ring, tag, data_op, len);
         if meta > 0 {
-            self.push_meta_copy(ring, tag, meta_op, meta);
+            self.push_user_copy(ring, tag, meta_op, meta);
         }
     }
 

@@ -916,10 +916,7 @@ const READY_WAIT: Duration = Duration::from_secs(300);
 /// service keeps starting).
 fn ready_lines(rd: File, pid: i32) -> Result<Vec<String>, CliError> {
     // UBLK_FAST_READY_WAIT_S overrides it, for tests.
-    let wait = std::env::var("UBLK_FAST_READY_WAIT_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(READY_WAIT, Duration::from_secs);
+    let wait = ublk_fast_engine::limits::from_env("UBLK_FAST_READY_WAIT_S", READY_WAIT);
     let deadline = Instant::now() + wait;
     let mut buf = Vec::new();
     let mut rd = rd;
