@@ -32,7 +32,13 @@ fn command_limit() -> Duration {
 }
 
 /// The largest buffer a command carries: GET_QUEUE_AFFINITY's 4096-CPU mask.
-const BOUNCE_LEN: usize = 512;
+const PAYLOAD_MAX: usize = 512;
+
+/// Room before the payload for the char device's path, which commands on an unprivileged
+/// device carry first (`/dev/ublkc` and up to 20 digits).
+const PATH_ROOM: usize = 32;
+
+const BOUNCE_LEN: usize = PATH_ROOM + PAYLOAD_MAX;
 
 /// An open `/dev/ublk-control` with its own small SQE128 ring.
 pub struct Control {
@@ -46,6 +52,20 @@ pub struct Control {
     seq: u64,
     /// Commands given up on, still in the kernel: their bounce buffers are leaked.
     abandoned: u32,
+    /// Every command on an existing device names its char device (`dev_path_len`): the
+    /// caller lacks CAP_SYS_ADMIN, so only unprivileged devices (UBLK_F_UNPRIVILEGED_DEV)
+    /// answer it, and the driver checks the caller's access to that node.
+    unprivileged: bool,
+    /// Unprivileged devices a privileged caller met (`dev_info` learns them): their commands
+    /// carry the path too.
+    path_devs: Vec<u32>,
+}
+
+/// Whether this process lacks CAP_SYS_ADMIN: it may only create and drive unprivileged
+/// devices (UBLK_F_UNPRIVILEGED_DEV).
+pub fn unprivileged() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    !crate::device::has_capability(CAP_SYS_ADMIN)
 }
 
 /// Turns an io_uring setup failure into the reason a user can act on.
@@ -110,7 +130,7 @@ impl Control {
                     "the ublk driver is not loaded: run `modprobe ublk_drv` as root"
                 }
                 Some(libc::EACCES) | Some(libc::EPERM) => {
-                    "ublk devices need root: run ublk-fast as root"
+                    "run as root, or, for unprivileged devices, join /dev/ublk-control's group (dist/60-ublk-fast.rules)"
                 }
                 _ => "is the ublk driver (ublk_drv) loaded?",
             };
@@ -119,7 +139,24 @@ impl Control {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(4)
             .map_err(ring_setup_error)?;
-        Ok(Control { ring, file, bounce: Box::new([0; BOUNCE_LEN]), seq: 0, abandoned: 0 })
+        Ok(Control {
+            ring,
+            file,
+            bounce: Box::new([0; BOUNCE_LEN]),
+            seq: 0,
+            abandoned: 0,
+            unprivileged: unprivileged(),
+            path_devs: Vec::new(),
+        })
+    }
+
+    /// Whether commands on `dev_id` must name its char device.
+    fn needs_path(&self, op: u32, dev_id: u32) -> bool {
+        if op == UBLK_U_CMD_ADD_DEV || op == UBLK_U_CMD_GET_FEATURES {
+            return false;
+        }
+        // GET_DEV_INFO2 always carries it, whatever the device.
+        op == UBLK_U_CMD_GET_DEV_INFO2 || self.unprivileged || self.path_devs.contains(&dev_id)
     }
 
     /// Runs one command and returns its non-negative result; `buf` (at most 512 bytes) is what
@@ -144,13 +181,26 @@ impl Control {
         limit: Duration,
     ) -> Result<i32> {
         let dev = cmd.dev_id;
+        // The payload follows the device's path where the driver wants one; it skips the path
+        // (addr += dev_path_len) once it has checked it.
+        let at = if self.needs_path(op, dev) {
+            let path = format!("/dev/ublkc{dev}");
+            self.bounce[..path.len()].copy_from_slice(path.as_bytes());
+            cmd.dev_path_len = path.len() as u16;
+            path.len()
+        } else {
+            0
+        };
+        let len = buf.as_deref().map_or(0, |b| b.len());
+        if len > PAYLOAD_MAX {
+            return Err(Error::invalid(format!("{name}: a {len}-byte buffer")).dev(dev));
+        }
         if let Some(b) = buf.as_deref() {
-            if b.len() > BOUNCE_LEN {
-                return Err(Error::invalid(format!("{name}: a {}-byte buffer", b.len())).dev(dev));
-            }
-            self.bounce[..b.len()].copy_from_slice(b);
+            self.bounce[at..at + len].copy_from_slice(b);
+        }
+        if at + len > 0 {
             cmd.addr = self.bounce.as_mut_ptr() as u64;
-            cmd.len = b.len() as u16;
+            cmd.len = (at + len) as u16;
         }
         let mut raw = [0u8; 80];
         // SAFETY: ublksrv_ctrl_cmd is repr(C), 32 bytes without padding; copying its bytes into
@@ -187,8 +237,7 @@ impl Control {
             return Err(Error::errno(name, res).dev(dev));
         }
         if let Some(b) = buf {
-            let n = b.len();
-            b.copy_from_slice(&self.bounce[..n]);
+            b.copy_from_slice(&self.bounce[at..at + len]);
         }
         Ok(res)
     }
@@ -347,7 +396,31 @@ impl Control {
         let mut info = ublksrv_ctrl_dev_info::default();
         let c = ctrl_cmd(dev_id);
         let limit = QUERY_LIMIT.min(command_limit());
-        self.run_for("GET_DEV_INFO", UBLK_U_CMD_GET_DEV_INFO, c, Some(bytes_of(&mut info)), limit)?;
+        let r = self.run_for(
+            "GET_DEV_INFO",
+            UBLK_U_CMD_GET_DEV_INFO,
+            c,
+            Some(bytes_of(&mut info)),
+            limit,
+        );
+        match r {
+            // A privileged caller asking about an unprivileged device without its path: ask
+            // again the way that works for both kinds, and name the path from now on.
+            Err(e) if e.raw_errno() == libc::EINVAL && !self.unprivileged => self.dev_info2(dev_id),
+            r => r.map(|_| info),
+        }
+    }
+
+    /// GET_DEV_INFO2: the char device's path goes with it, whatever kind the device is.
+    pub fn dev_info2(&mut self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
+        let mut info = ublksrv_ctrl_dev_info::default();
+        let c = ctrl_cmd(dev_id);
+        let limit = QUERY_LIMIT.min(command_limit());
+        let buf = Some(bytes_of(&mut info));
+        self.run_for("GET_DEV_INFO2", UBLK_U_CMD_GET_DEV_INFO2, c, buf, limit)?;
+        if info.flags & UBLK_F_UNPRIVILEGED_DEV != 0 && !self.path_devs.contains(&dev_id) {
+            self.path_devs.push(dev_id);
+        }
         Ok(info)
     }
 
@@ -389,9 +462,10 @@ mod tests {
 
     #[test]
     fn every_command_buffer_fits_the_bounce_buffer() {
-        assert!(std::mem::size_of::<ublk_params>() <= BOUNCE_LEN);
-        assert!(std::mem::size_of::<ublksrv_ctrl_dev_info>() <= BOUNCE_LEN);
-        assert_eq!(std::mem::size_of::<[u64; 64]>(), BOUNCE_LEN);
+        assert!(std::mem::size_of::<ublk_params>() <= PAYLOAD_MAX);
+        assert!(std::mem::size_of::<ublksrv_ctrl_dev_info>() <= PAYLOAD_MAX);
+        assert_eq!(std::mem::size_of::<[u64; 64]>(), PAYLOAD_MAX);
+        assert!(format!("/dev/ublkc{}", u32::MAX).len() <= PATH_ROOM);
         assert_eq!(bytes_of(&mut 0u64).len(), UBLK_FEATURES_LEN);
     }
 

@@ -293,15 +293,43 @@ fn drain_limit() -> Duration {
 /// How long a device's queues may take to leave their cores once the driver ended them.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to create the node.
+/// Waits (10 s at most) until this process may read and write `/dev/ublkcN`: for an
+/// unprivileged device, until udev has given the node to its owner.
+fn wait_for_access(id: u32) -> Result<()> {
+    let path =
+        std::ffi::CString::new(format!("/dev/ublkc{id}")).map_err(|_| Error::invalid("path"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: access only reads the NUL-terminated path.
+    while unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        if Instant::now() > deadline {
+            return Err(Error::invalid(format!(
+                "/dev/ublkc{id} was not given to you within 10 s: udev must run with dist/60-ublk-fast.rules installed"
+            ))
+            .dev(id));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to create the node and, for an
+/// unprivileged device, for udev to hand it to its owner.
 fn open_cdev(id: u32) -> Result<File> {
     let path = format!("/dev/ublkc{id}");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => return Ok(f),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && Instant::now() < deadline => {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES))
+                    && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                return Err(Error::os("open /dev/ublkcN", e).dev(id).hint(
+                    "udev did not give the device's nodes to their owner: install dist/60-ublk-fast.rules",
+                ))
             }
             Err(e) => return Err(Error::os("open /dev/ublkcN", e).dev(id)),
         }
@@ -321,7 +349,17 @@ impl Device {
         let mut ctrl = Control::open()?;
         let features = ctrl.features()?;
         let integrity = target.integrity();
+        let unprivileged = crate::ctrl::unprivileged();
+        if unprivileged {
+            check_unprivileged(cfg, features, integrity.is_some())?;
+        }
         let mode = match integrity {
+            // The driver refuses zero copy for unprivileged devices (check_unprivileged said
+            // so where it was asked for).
+            None if unprivileged => {
+                let copy = DeviceConfig { zero_copy: ZeroCopy::Off, ..cfg.clone() };
+                resolve_mode(&copy, features, false)?
+            }
             None => resolve_mode(cfg, features, target.supports_zero_copy())?,
             Some(_) => {
                 if features & UBLK_F_INTEGRITY == 0 {
@@ -364,11 +402,20 @@ impl Device {
             asked.max_io_bytes = asked.max_io_bytes.min(m.max(4096));
         }
         if mode.uses_arena() {
+            if unprivileged {
+                // Its user cannot raise RLIMIT_MEMLOCK: smaller requests instead of a refusal.
+                if let Some(n) = fit_memlock(&mut asked) {
+                    target_notices.push(n);
+                }
+            }
             check_memlock(&asked)?;
         }
         // UPDATE_SIZE where offered: `resize` works on every device.
         let mut flags =
             ((UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_UPDATE_SIZE) & features) | mode.flags(features);
+        if unprivileged {
+            flags |= UBLK_F_UNPRIVILEGED_DEV;
+        }
         if cfg.no_part_scan {
             if features & UBLK_F_NO_AUTO_PART_SCAN == 0 {
                 return Err(Error::unsupported(
@@ -402,6 +449,15 @@ impl Device {
         };
         ctrl.add_dev(&mut info)?;
         on_added(info.dev_id);
+        if unprivileged {
+            // The driver checks every later command against our access to the char node,
+            // which udev gives us a moment after ADD_DEV.
+            if let Err(e) = wait_for_access(info.dev_id) {
+                let mut dev = Device::new(ctrl, info, features, mode);
+                dev.teardown(pool);
+                return Err(e);
+            }
+        }
         // From here on the kernel's answer is the geometry, not what was asked.
         let granted = asked.granted(&info);
         let mut dev = Device::new(ctrl, info, features, mode);
@@ -767,16 +823,88 @@ fn check_memlock(cfg: &DeviceConfig) -> Result<()> {
     Ok(())
 }
 
+/// What an unprivileged device cannot have (the driver refuses it, or drops it in silence):
+/// said before anything is created.
+fn check_unprivileged(cfg: &DeviceConfig, features: u64, integrity: bool) -> Result<()> {
+    if features & UBLK_F_UNPRIVILEGED_DEV == 0 {
+        return Err(Error::unsupported(
+            "this kernel's ublk driver does not offer UNPRIVILEGED_DEV: run as root",
+        ));
+    }
+    let refused = if cfg.zero_copy == ZeroCopy::On {
+        Some("--zero-copy=on")
+    } else if cfg.user_copy {
+        Some("--user-copy")
+    } else if integrity {
+        Some("--metadata-size (it moves metadata by user copy)")
+    } else if cfg.recovery != Recovery::None {
+        Some("--recovery")
+    } else {
+        None
+    };
+    match refused {
+        Some(what) => Err(Error::invalid(format!(
+            "{what}: the ublk driver allows it only for devices created by root; leave it out or run as root"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Shrinks the maximum request size until the copy buffers of `cfg`'s queues fit what this
+/// process may still lock (RLIMIT_MEMLOCK less what it has pinned already: io_uring charges
+/// registered buffers there). A notice when it did; `check_memlock` refuses what cannot fit.
+fn fit_memlock(cfg: &mut DeviceConfig) -> Option<String> {
+    if has_cap_ipc_lock() {
+        return None;
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let pinned = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let kb = s.lines().find_map(|l| l.strip_prefix("VmPin:"))?.trim().strip_suffix("kB")?;
+            kb.trim().parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        << 10;
+    let left = lim.rlim_cur.saturating_sub(pinned);
+    let asked = cfg.max_io_bytes;
+    while arena_len(cfg.depth, cfg.max_io_bytes) as u64 * u64::from(cfg.queues) > left
+        && cfg.max_io_bytes > 4096
+    {
+        cfg.max_io_bytes /= 2;
+    }
+    (cfg.max_io_bytes != asked).then(|| {
+        format!(
+            "requests are at most {} KiB: RLIMIT_MEMLOCK leaves {} KiB for {} queues x depth {} of copy buffers (raise LimitMEMLOCK= or ulimit -l for larger ones)",
+            cfg.max_io_bytes >> 10,
+            left >> 10,
+            cfg.queues,
+            cfg.depth
+        )
+    })
+}
+
 /// Whether this process may lock memory without limit (CAP_IPC_LOCK in its effective set).
 fn has_cap_ipc_lock() -> bool {
     const CAP_IPC_LOCK: u32 = 14;
+    has_capability(CAP_IPC_LOCK)
+}
+
+/// Whether capability number `cap` is in this process's effective set.
+pub(crate) fn has_capability(cap: u32) -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
             u64::from_str_radix(&hex, 16).ok()
         })
-        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+        .is_some_and(|caps| caps & (1u64 << cap) != 0)
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ fn no_such_device(id: u32) -> CliError {
 pub fn dev_info(c: &mut Control, id: u32) -> Result<ublksrv_ctrl_dev_info, CliError> {
     c.dev_info(id).map_err(|e| match e.raw_errno() {
         libc::ENODEV | libc::ENOENT => no_such_device(id),
+        libc::EACCES | libc::EPERM if !record::privileged() => CliError::runtime(format!(
+            "device {id} is not yours: only the user who created it, or root, may look at or change it"
+        )),
         _ => CliError::runtime(e.to_string()),
     })
 }
@@ -162,6 +165,13 @@ pub fn list(id: Option<u32>, json: bool, verbose: bool) -> Result<(), CliError> 
     };
     let mut rows = Vec::with_capacity(ids.len());
     for i in ids {
+        // A user sees only the devices they may open: the kernel refuses the others.
+        if id.is_none()
+            && !record::privileged()
+            && c.dev_info(i).is_err_and(|e| matches!(e.raw_errno(), libc::EACCES | libc::EPERM))
+        {
+            continue;
+        }
         match row(&mut c, i) {
             Ok(r) => rows.push(r),
             // A device deleted between the directory scan and the query is simply gone.
@@ -270,6 +280,28 @@ pub fn del(id: Option<u32>, all: bool, all_servers: bool) -> Result<(), CliError
         return first_err.map_or(Ok(()), Err);
     }
     del_one(&mut c, id.expect("clap requires --id or --all"))
+}
+
+/// `udev-owner NAME`: "UID GID" of the user who created the unprivileged device behind node
+/// NAME, for udev to give them its nodes; exit 1 (udev: the rule does not apply) for a device
+/// root created, which keeps root's 0600.
+pub fn udev_owner(name: &str) -> Result<(), CliError> {
+    let digits = name
+        .strip_prefix("ublkc")
+        .or_else(|| name.strip_prefix("ublkb"))
+        .map(|rest| rest.split('p').next().unwrap_or(rest));
+    let Some(id) = digits.and_then(|d| d.parse::<u32>().ok()) else {
+        return Err(CliError::usage(format!(
+            "udev-owner {name}: not a ublk node name (ublkcN, ublkbN or ublkbNpM)"
+        )));
+    };
+    let mut c = Control::open().map_err(CliError::from)?;
+    let info = c.dev_info2(id).map_err(CliError::from)?;
+    if info.flags & ublk_fast_engine::uapi::UBLK_F_UNPRIVILEGED_DEV == 0 {
+        return Err(CliError::runtime(format!("device {id} is root's: its nodes stay root's")));
+    }
+    println!("{} {}", info.owner_uid, info.owner_gid);
+    Ok(())
 }
 
 pub fn features(json: bool) -> Result<(), CliError> {

@@ -102,6 +102,14 @@ pub enum Command {
     /// Write the man pages (into DIR) or a shell's completions (to stdout)
     #[command(hide = true, subcommand)]
     Generate(Generate),
+    /// For udev (dist/60-ublk-fast.rules): print "UID GID" of the user who created the
+    /// unprivileged device behind node NAME (ublkcN, ublkbN, ublkbNpM); exit 1 for a device
+    /// created by root
+    #[command(hide = true, name = "udev-owner")]
+    UdevOwner {
+        /// The kernel's name of the node (udev's %k)
+        name: String,
+    },
     #[command(flatten)]
     Target(TargetCmd),
 }

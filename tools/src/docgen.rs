@@ -50,6 +50,14 @@ The service's log when it runs in the background (rotated past 16 MiB).
 .TP
 /run/ublk\-fast/service.lock
 Held by the one service of the host.
+.TP
+$XDG_RUNTIME_DIR/ublk\-fast/
+The same files for a user who is not root: their own service, serving their own
+unprivileged devices (UBLK_F_UNPRIVILEGED_DEV), out of every other user's reach.
+.TP
+dist/60\-ublk\-fast.rules (installed in /etc/udev/rules.d)
+Opens /dev/ublk\-control to group \fBublk\fR and gives each unprivileged device's nodes to the
+user who created it (through the hidden \fBudev\-owner\fR command).
 .SH SIGNALS
 .TP
 SIGTERM, SIGINT

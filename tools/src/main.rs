@@ -57,11 +57,21 @@ fn preflight() -> Result<(), CliError> {
             "{CONTROL_PATH} not found: the ublk driver is not loaded (run `modprobe ublk_drv` as root)"
         )));
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(CliError::runtime(
-            "must run as root: ublk devices are managed through /dev/ublk-control (try sudo)",
-        ));
+    if !record::privileged() {
+        // Unprivileged devices: /dev/ublk-control must be open to this user (its group).
+        // SAFETY: access only reads the NUL-terminated path (CONTROL_PATH's).
+        if unsafe { libc::access(c"/dev/ublk-control".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+            return Err(CliError::runtime(format!(
+                "{CONTROL_PATH} is not open to you: run as root, or, for devices of your own, install dist/60-ublk-fast.rules and join its group (`usermod -aG ublk USER`)"
+            )));
+        }
+        if std::env::var_os("UBLK_FAST_RUN_DIR").is_none()
+            && std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        {
+            return Err(CliError::runtime(
+                "XDG_RUNTIME_DIR is not set: an unprivileged service keeps its socket and records there; log in through a session that sets it (or set it to a directory only you can use)",
+            ));
+        }
     }
     if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
         if s.trim() == "2" {
@@ -271,6 +281,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         Command::Shutdown => Some("shutdown"),
         Command::Resize { .. } => Some("resize"),
         Command::Generate(_) => Some("generate"),
+        Command::UdevOwner { .. } => Some("udev-owner"),
     };
     if let Some(cmd) = existing {
         if !cli.add.is_empty() {
@@ -323,6 +334,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<(), CliError> {
         Command::Serve(a) => serve(a),
         Command::Generate(cli::Generate::Man { dir }) => docgen::man(&dir),
         Command::Generate(cli::Generate::Completions { shell }) => docgen::completions(shell),
+        Command::UdevOwner { name } => admin::udev_owner(&name),
         Command::Shutdown => via_service(proto::Op::Shutdown {}, || {
             eprintln!("ublk-fast: no service runs");
             Ok(())

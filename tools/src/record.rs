@@ -69,10 +69,23 @@ pub fn owned_by_us(id: u32) -> bool {
     std::fs::symlink_metadata(path(id)).is_ok_and(|m| m.uid() == me && m.file_type().is_file())
 }
 
+/// Where the service keeps its socket, lock, log, records and counters: `/run/ublk-fast` for
+/// root's service; `$XDG_RUNTIME_DIR/ublk-fast` for a user's own (unprivileged devices), so
+/// that one user's service and records are out of every other user's reach.
 pub fn run_dir() -> PathBuf {
-    std::env::var_os("UBLK_FAST_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/run/ublk-fast".into())
+    if let Some(d) = std::env::var_os("UBLK_FAST_RUN_DIR") {
+        return d.into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(x) if !privileged() => PathBuf::from(x).join("ublk-fast"),
+        _ => "/run/ublk-fast".into(),
+    }
+}
+
+/// Whether this process drives ublk as root (CAP_SYS_ADMIN), or only its own unprivileged
+/// devices.
+pub fn privileged() -> bool {
+    !ublk_fast_engine::ctrl::unprivileged()
 }
 
 pub fn path(id: u32) -> PathBuf {

@@ -824,12 +824,19 @@ type Started = (Node, UnixListener, Option<(TcpListener, Arc<Exporter>)>);
 fn start(opts: &ServeOpts) -> Result<Started, CliError> {
     block_signals();
     // Before any thread exists, so they all inherit the private namespace.
-    if let Some(w) = crate::mountns::isolate() {
-        warn(w);
+    // A user's own service needs neither: its user cannot mount its devices (mount needs
+    // root), and may not lower its OOM score.
+    let privileged = record::privileged();
+    if privileged {
+        if let Some(w) = crate::mountns::isolate() {
+            warn(w);
+        }
     }
     raise_nofile();
-    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", opts.oom_score_adj.to_string()) {
-        warn(format!("cannot set oom_score_adj {}: {e}", opts.oom_score_adj));
+    if privileged || opts.oom_score_adj >= 0 {
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", opts.oom_score_adj.to_string()) {
+            warn(format!("cannot set oom_score_adj {}: {e}", opts.oom_score_adj));
+        }
     }
     let lock = take_lock()?;
     // Held (and locked) for the life of the process.

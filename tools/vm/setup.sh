@@ -25,7 +25,7 @@ SUITE=${SUITE:-trixie-backports}
 FLAVOUR=${FLAVOUR:-cloud-amd64}
 QEMU10=${QEMU10:-1}
 FORCE=${FORCE:-0}
-HOST_PKGS="qemu-system-x86 qemu-system-common fio busybox-static cpio kmod xz-utils zstd
+HOST_PKGS="udev qemu-system-x86 qemu-system-common fio busybox-static cpio kmod xz-utils zstd
   util-linux e2fsprogs xfsprogs python3 procps prometheus nbdkit nbd-client qemu-utils dmsetup"
 t0=$EPOCHREALTIME
 step() { printf 'setup: [%6ss] %s\n' "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')" "$*"; }
