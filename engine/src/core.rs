@@ -300,7 +300,7 @@ impl Core {
             }
         };
         let nfiles = 1 + cfg.files.len() as u32;
-        let nbufs = cfg.mode.buffer_slots(cfg.depth);
+        let nbufs = cfg.mode.buffer_slots(cfg.owned_tags());
         let files = self.files.take(nfiles).ok_or_else(|| {
             Error::exhausted(format!("CPU {}: its ring's file table is full", self.cfg.cpu))
         })?;

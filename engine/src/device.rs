@@ -43,6 +43,8 @@ pub struct DeviceConfig {
     pub batch: bool,
     /// UBLK_F_NO_AUTO_PART_SCAN: the kernel does not look for partitions when it starts.
     pub no_part_scan: bool,
+    /// Each queue on one core, even where PER_IO_DAEMON would spread its tags over more.
+    pub one_core_per_queue: bool,
     /// Latency mode: the cores serving the device poll this long (µs) after a busy loop turn
     /// before they sleep (0: off). A core polls as long as its longest-polling queue asks.
     pub poll_us: u32,
@@ -255,6 +257,9 @@ pub struct Device {
     pub features: u64,
     /// The CPU of the core serving each queue.
     pub queue_cpus: Vec<usize>,
+    /// The CPUs whose cores serve each queue's tags (UBLK_F_PER_IO_DAEMON), `queue_cpus`'s
+    /// first: tag t of queue q is served on `tag_cpus[q][t % len]`. One CPU each otherwise.
+    pub tag_cpus: Vec<Vec<usize>>,
     /// The kernel's CPUs for each queue (GET_QUEUE_AFFINITY).
     pub queue_affinity: Vec<Vec<usize>>,
     pub stats: Option<Arc<StatsRegion>>,
@@ -292,6 +297,37 @@ fn drain_limit() -> Duration {
 
 /// How long a device's queues may take to leave their cores once the driver ended them.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// PER_IO_DAEMON: the CPUs serving each queue's tags, its own core (`primary`) first, then
+/// the device's CPUs in the queue's kernel affinity that are no queue's own core and not yet
+/// given to another queue, at most `depth` in all. A device with fewer queues than CPUs is
+/// so served by all of them (one queue: every one of its CPUs), and no CPU gets two queues'
+/// extra shares.
+fn spread_tags(
+    cpus: &[usize],
+    affinity: &[Vec<usize>],
+    primary: &[usize],
+    depth: u16,
+) -> Vec<Vec<usize>> {
+    let mut given: Vec<usize> = primary.to_vec();
+    affinity
+        .iter()
+        .zip(primary)
+        .map(|(aff, &own)| {
+            let mut v = vec![own];
+            for &c in cpus {
+                if v.len() >= usize::from(depth) {
+                    break;
+                }
+                if aff.contains(&c) && !given.contains(&c) {
+                    given.push(c);
+                    v.push(c);
+                }
+            }
+            v
+        })
+        .collect()
+}
 
 /// Waits (10 s at most) until this process may read and write `/dev/ublkcN`: for an
 /// unprivileged device, until udev has given the node to its owner.
@@ -553,6 +589,7 @@ impl Device {
             info,
             features,
             queue_cpus: Vec::new(),
+            tag_cpus: Vec::new(),
             queue_affinity: Vec::new(),
             stats: None,
             mode,
@@ -593,14 +630,29 @@ impl Device {
             affinity.push(self.ctrl.queue_affinity(id, q)?);
         }
         self.queue_cpus = place_queues(&cfg.cpus, &affinity);
+        // Spread a queue's tags over more cores only where the driver binds each tag to the
+        // thread that fetched it, the commands are per tag, and the target allows it.
+        let spread = self.features & UBLK_F_PER_IO_DAEMON != 0
+            && !self.mode.batch()
+            && target.spreads_tags()
+            && !cfg.one_core_per_queue;
+        self.tag_cpus = if spread {
+            spread_tags(&cfg.cpus, &affinity, &self.queue_cpus, cfg.depth)
+        } else {
+            self.queue_cpus.iter().map(|&c| vec![c]).collect()
+        };
         self.queue_affinity = affinity;
         let stats_path = cfg.stats_dir.as_ref().map(|d| d.join(format!("{id}.stats")));
         if let Some(d) = &cfg.stats_dir {
             std::fs::create_dir_all(d).map_err(|e| Error::os("create stats dir", e))?;
         }
-        let stats = Arc::new(StatsRegion::create(stats_path.as_deref(), cfg.queues)?);
+        let shards = self.tag_cpus.iter().map(Vec::len).max().unwrap_or(1) as u16;
+        let stats =
+            Arc::new(StatsRegion::create_sharded(stats_path.as_deref(), cfg.queues, shards)?);
         self.stats = Some(Arc::clone(&stats));
-        for q in 0..cfg.queues {
+        for (q, k) in (0..cfg.queues)
+            .flat_map(|q| (0..self.tag_cpus[usize::from(q)].len() as u16).map(move |k| (q, k)))
+        {
             let qcfg = QueueConfig {
                 dev_id: id,
                 q,
@@ -613,8 +665,10 @@ impl Device {
                 poll_us: cfg.poll_us,
                 slow_io_ms: cfg.slow_io_ms,
                 integrity: target.integrity().filter(|_| self.info.flags & UBLK_F_INTEGRITY != 0),
+                shard: k,
+                shards: self.tag_cpus[usize::from(q)].len() as u16,
             };
-            let cpu = self.queue_cpus[usize::from(q)];
+            let cpu = self.tag_cpus[usize::from(q)][usize::from(k)];
             let setup = pool.add_queue(cpu, qcfg, Arc::clone(&target)).map_err(|e| e.dev(id))?;
             self.seated += 1;
             if self.setup.is_empty() {
@@ -924,6 +978,25 @@ mod tests {
     }
 
     #[test]
+    fn tags_spread_over_the_cpus_no_queue_has() {
+        // One queue on four CPUs: all four serve it.
+        let all = vec![0, 1, 2, 3];
+        assert_eq!(
+            spread_tags(&all, std::slice::from_ref(&all), &[2], 128),
+            vec![vec![2, 0, 1, 3]]
+        );
+        // Two queues, each with two CPUs of its own: each gets its second.
+        let aff = vec![vec![0, 1], vec![2, 3]];
+        assert_eq!(spread_tags(&all, &aff, &[0, 2], 128), vec![vec![0, 1], vec![2, 3]]);
+        // As many queues as CPUs: nothing to spread.
+        let aff: Vec<Vec<usize>> = all.iter().map(|&c| vec![c]).collect();
+        assert_eq!(spread_tags(&all, &aff, &all, 128), aff);
+        // Never more shards than tags; only the device's CPUs.
+        assert_eq!(spread_tags(&[0, 1, 2], std::slice::from_ref(&all), &[0], 2), vec![vec![0, 1]]);
+        assert_eq!(spread_tags(&[1], std::slice::from_ref(&all), &[1], 128), vec![vec![1]]);
+    }
+
+    #[test]
     fn geometry_is_the_kernels() {
         let asked = DeviceConfig {
             dev_id: None,
@@ -937,6 +1010,7 @@ mod tests {
             user_copy: false,
             batch: false,
             no_part_scan: false,
+            one_core_per_queue: false,
             poll_us: 0,
             slow_io_ms: 5000,
         };

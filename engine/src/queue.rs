@@ -43,6 +43,27 @@ pub struct QueueConfig {
     pub slow_io_ms: u32,
     /// Per-sector metadata (user copy only): each tag gets a buffer for its request's.
     pub integrity: Option<Integrity>,
+    /// This queue object serves shard `shard` of `shards` (UBLK_F_PER_IO_DAEMON): the tags
+    /// `t` with `t % shards == shard`, each bound by the driver to this core thread. 0 of 1:
+    /// every tag.
+    pub shard: u16,
+    pub shards: u16,
+}
+
+impl QueueConfig {
+    /// How many of the queue's tags this shard owns.
+    pub fn owned_tags(&self) -> u16 {
+        (self.depth - self.shard).div_ceil(self.shards)
+    }
+
+    pub fn owns(&self, tag: u16) -> bool {
+        tag % self.shards == self.shard
+    }
+
+    /// An owned tag's index among the shard's buffers and fixed-buffer slots.
+    pub fn local(&self, tag: u16) -> u16 {
+        tag / self.shards
+    }
 }
 
 /// Where a queue's share of its core ring's tables lies.
@@ -230,6 +251,7 @@ impl Queue {
     ) -> Result<Queue> {
         let q = cfg.q;
         let depth = cfg.depth;
+        let owned = cfg.owned_tags();
         let mut fds = Vec::with_capacity(1 + cfg.files.len());
         fds.push(cfg.cdev_fd);
         fds.extend_from_slice(&cfg.files);
@@ -240,9 +262,9 @@ impl Queue {
         let desc = DescMap::new(cfg.cdev_fd, q, depth).map_err(|e| e.dev(cfg.dev_id))?;
         // Zero copy never moves data through these buffers: leave them unlocked and untouched.
         let bufs =
-            IoBufs::new(depth, cfg.max_io_bytes, cfg.mode.uses_arena()).map_err(|e| e.queue(q))?;
+            IoBufs::new(owned, cfg.max_io_bytes, cfg.mode.uses_arena()).map_err(|e| e.queue(q))?;
         if cfg.mode.zero_copy() {
-            occupy_zc_slots(ring, &bufs, at.buf_base, depth).map_err(|e| e.queue(q))?;
+            occupy_zc_slots(ring, &bufs, at.buf_base, owned).map_err(|e| e.queue(q))?;
         } else {
             // SAFETY: the iovecs cover the tags' buffers in `bufs`, which the Queue owns; the
             // core drops its ring (and with it the registration) before its queues.
@@ -276,16 +298,22 @@ impl Queue {
             cfg.integrity.map_or(0, |i| i.bytes_for(u64::from(cfg.max_io_bytes)) as usize);
         let mut meta = vec![0u8; meta_per_tag * usize::from(depth)].into_boxed_slice();
         let meta_base = meta.as_mut_ptr();
+        // Every tag has a slot (they are small, and indexed by tag); only the owned ones have
+        // a buffer, and are ever fetched.
         let slots = (0..depth)
             .map(|tag| Slot {
                 tag: Tag::new(),
                 req: Request {
                     tag,
                     desc: ublksrv_io_desc::default(),
-                    buf: bufs.ptr(tag),
+                    buf: if cfg.owns(tag) {
+                        bufs.ptr(cfg.local(tag))
+                    } else {
+                        std::ptr::null_mut()
+                    },
                     buf_len: bufs.per_tag(),
-                    buf_index: zc.then_some(at.buf_base + tag),
-                    buf_reg: (!zc).then_some(at.buf_base + tag),
+                    buf_index: zc.then_some(at.buf_base + cfg.local(tag)),
+                    buf_reg: (!zc).then_some(at.buf_base + cfg.local(tag)),
                     first_file: at.file_base + 1,
                     // A boxed slice's elements stay where they are when the box moves.
                     meta: meta_base.wrapping_add(usize::from(tag) * meta_per_tag),
@@ -332,7 +360,7 @@ impl Queue {
         } else {
             format!(
                 "buffers {} MiB on {}{}, registered",
-                (b.per_tag() * usize::from(self.cfg.depth)) >> 20,
+                (b.per_tag() * usize::from(self.cfg.owned_tags())) >> 20,
                 b.backing().describe(),
                 if b.locked() { ", locked" } else { "" }
             )
@@ -341,7 +369,7 @@ impl Queue {
     }
 
     pub fn stats(&self) -> &QueueStats {
-        self.cfg.stats.queue(self.cfg.q)
+        self.cfg.stats.shard(self.cfg.q, self.cfg.shard)
     }
 
     pub fn exit(&self) -> QueueExit {
@@ -471,7 +499,7 @@ impl Queue {
     /// Hands every tag to the driver: one FETCH_REQ per tag, or one PREP_IO_CMDS (whose
     /// completion arms the FETCH).
     pub fn start(&mut self, ring: &mut Ring) {
-        self.live_tags = usize::from(self.cfg.depth);
+        self.live_tags = usize::from(self.cfg.owned_tags());
         self.handle(ring, |h, io| {
             h.begin(io);
             Flow::Pending
@@ -484,7 +512,7 @@ impl Queue {
             unsafe { self.push(ring, &sqe.user_data(ud.encode())) };
             return;
         }
-        for tag in 0..self.cfg.depth {
+        for tag in (self.cfg.shard..self.cfg.depth).step_by(usize::from(self.cfg.shards)) {
             self.slots[usize::from(tag)].tag.fetch();
             self.push_ublk(ring, tag, UBLK_U_IO_FETCH_REQ, 0);
         }
@@ -493,7 +521,11 @@ impl Queue {
     fn push_ublk(&mut self, ring: &mut Ring, tag: u16, op: u32, result: i32) {
         let zc = self.cfg.mode.zero_copy();
         // Zero copy and user copy: the kernel copies nothing, so it gets no buffer address.
-        let addr = if self.cfg.mode.data == Data::Copy { self.bufs.ptr(tag) as u64 } else { 0 };
+        let addr = if self.cfg.mode.data == Data::Copy {
+            self.bufs.ptr(self.cfg.local(tag)) as u64
+        } else {
+            0
+        };
         let cmd = ublksrv_io_cmd { q_id: self.cfg.q, tag, result, addr };
         let mut b =
             opcode::UringCmd16::new(types::Fixed(self.at.file_base), op).cmd(cmd.to_bytes());
@@ -501,7 +533,7 @@ impl Queue {
             // Where the driver registers the next request's pages; on failure it delivers the
             // request with UBLK_IO_F_NEED_REG_BUF instead of failing it.
             let reg = ublk_auto_buf_reg {
-                index: self.at.buf_base + tag,
+                index: self.at.buf_base + self.cfg.local(tag),
                 flags: UBLK_AUTO_BUF_REG_FALLBACK,
                 ..Default::default()
             };
@@ -530,7 +562,7 @@ impl Queue {
     }
 
     fn fallback_index(&self, tag: u16) -> u16 {
-        self.at.buf_base + self.cfg.depth + tag
+        self.at.buf_base + self.cfg.owned_tags() + self.cfg.local(tag)
     }
 
     /// User copy: moves `len` bytes through `/dev/ublkcN` between the request and the tag's
@@ -540,7 +572,11 @@ impl Queue {
         let meta = matches!(op, Op::MetaIn | Op::MetaOut);
         let off =
             user_copy_offset(self.cfg.q, tag, 0) | if meta { UBLKSRV_IO_INTEGRITY_FLAG } else { 0 };
-        let buf = if meta { self.slots[usize::from(tag)].req.meta } else { self.bufs.ptr(tag) };
+        let buf = if meta {
+            self.slots[usize::from(tag)].req.meta
+        } else {
+            self.bufs.ptr(self.cfg.local(tag))
+        };
         let cdev = types::Fixed(self.at.file_base);
         let t = &mut self.slots[usize::from(tag)].tag;
         t.issue();
@@ -580,7 +616,7 @@ impl Queue {
         ring: &mut Ring,
         f: impl FnOnce(&mut dyn QueueHandler, &mut dyn Submit) -> Flow,
     ) -> Flow {
-        let stats = self.cfg.stats.queue(self.cfg.q);
+        let stats = self.cfg.stats.shard(self.cfg.q, self.cfg.shard);
         let mut sq = Sq {
             ring: &mut *ring,
             slots: &mut self.slots,
@@ -662,7 +698,7 @@ impl Queue {
                 if res < 0 {
                     let s = &mut self.slots[usize::from(tag)];
                     s.manual_reg = false;
-                    s.req.buf_index = Some(self.at.buf_base + tag);
+                    s.req.buf_index = Some(self.at.buf_base + self.cfg.local(tag));
                     self.settle(ring, tag, Flow::Done(res));
                 } else {
                     self.start_request(ring, tag);
@@ -755,7 +791,7 @@ impl Queue {
         s.slow = false;
         s.req.desc = desc;
         self.requests += 1;
-        let stats = self.cfg.stats.queue(self.cfg.q);
+        let stats = self.cfg.stats.shard(self.cfg.q, self.cfg.shard);
         QueueStats::bump(&stats.io_now, 1);
         let has_data = matches!(desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
         let meta = match self.cfg.integrity {
@@ -906,7 +942,7 @@ impl Queue {
 
     /// Records the finished request and commits it with `res` (and fetches the tag's next one).
     fn commit(&mut self, ring: &mut Ring, tag: u16, res: i32) {
-        let stats = self.cfg.stats.queue(self.cfg.q);
+        let stats = self.cfg.stats.shard(self.cfg.q, self.cfg.shard);
         let s = &mut self.slots[usize::from(tag)];
         s.tag.commit();
         QueueStats::drop_one(&stats.io_now);
@@ -920,7 +956,7 @@ impl Queue {
         if std::mem::take(&mut s.manual_reg) {
             // The request completes only once its buffer is unregistered too (in either
             // order; not linked, so a failed unregister cannot cancel the commit).
-            s.req.buf_index = Some(self.at.buf_base + tag);
+            s.req.buf_index = Some(self.at.buf_base + self.cfg.local(tag));
             self.unreg_inflight += 1;
             self.push_buf_cmd(ring, tag, Op::UnregBuf);
         }

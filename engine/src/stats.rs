@@ -185,6 +185,38 @@ impl QueueSnapshot {
         COUNTER_NAMES.iter().position(|n| *n == name).map_or(0, |i| self.counters[i])
     }
 
+    /// Adds another shard's counters of the same queue (the oldest request's age: the larger).
+    fn absorb(&mut self, o: &QueueSnapshot) {
+        for (i, (a, b)) in self.counters.iter_mut().zip(o.counters.iter()).enumerate() {
+            *a = if COUNTER_NAMES[i] == "oldest_io_ns" { (*a).max(*b) } else { a.wrapping_add(*b) };
+        }
+        for (a, b) in self.ops.iter_mut().zip(o.ops.iter()) {
+            for (x, y) in a.buckets.iter_mut().zip(b.buckets.iter()) {
+                *x = x.wrapping_add(*y);
+            }
+            a.overflow = a.overflow.wrapping_add(b.overflow);
+            a.sum_ns = a.sum_ns.wrapping_add(b.sum_ns);
+            a.count = a.count.wrapping_add(b.count);
+            a.errors = a.errors.wrapping_add(b.errors);
+        }
+    }
+
+    /// One snapshot per queue from rows in queue-major order, `shards` rows per queue.
+    fn fold(rows: Vec<QueueSnapshot>, shards: usize) -> Vec<QueueSnapshot> {
+        if shards <= 1 {
+            return rows;
+        }
+        rows.chunks(shards)
+            .map(|c| {
+                let mut s = c[0].clone();
+                for o in &c[1..] {
+                    s.absorb(o);
+                }
+                s
+            })
+            .collect()
+    }
+
     /// From the queue block's words, in file order.
     fn from_words(w: &[u64]) -> Self {
         let mut s = QueueSnapshot::default();
@@ -223,6 +255,9 @@ impl QueueStats {
 pub struct StatsRegion {
     map: MmapMut,
     queues: u16,
+    /// Blocks per queue: one per core thread serving a share of its tags (PER_IO_DAEMON),
+    /// each written by that thread alone.
+    shards: u16,
 }
 
 // SAFETY: the mapping is only accessed through `&QueueStats`, whose fields are atomics.
@@ -233,7 +268,14 @@ unsafe impl Send for StatsRegion {}
 impl StatsRegion {
     /// Backed by `path` (created or truncated) so other processes can read it, or anonymous.
     pub fn create(path: Option<&Path>, queues: u16) -> Result<Self> {
-        let len = BLOCK * (1 + usize::from(queues));
+        Self::create_sharded(path, queues, 1)
+    }
+
+    /// As `create`, with `shards` blocks per queue (readers see their sums, per queue).
+    pub fn create_sharded(path: Option<&Path>, queues: u16, shards: u16) -> Result<Self> {
+        let shards = shards.max(1);
+        let rows = usize::from(queues) * usize::from(shards);
+        let len = BLOCK * (1 + rows);
         let mut map = match path {
             Some(p) => {
                 // 0600, and never through a symlink someone planted at the path.
@@ -258,15 +300,22 @@ impl StatsRegion {
         };
         map[..8].copy_from_slice(&MAGIC.to_le_bytes());
         map[8..10].copy_from_slice(&queues.to_le_bytes());
-        Ok(StatsRegion { map, queues })
+        map[10..12].copy_from_slice(&shards.to_le_bytes());
+        Ok(StatsRegion { map, queues, shards })
     }
 
     pub fn queue(&self, q: u16) -> &QueueStats {
-        assert!(q < self.queues, "queue {q} out of range");
-        let p = self.map.as_ptr().wrapping_add(BLOCK * (1 + usize::from(q)));
-        // SAFETY: the block lies inside the mapping (q < queues), is 128-byte aligned (the
-        // mapping is page aligned and BLOCK is 128), and is zero-initialised memory, a valid
-        // QueueStats (all atomics). It lives as long as `self`.
+        self.shard(q, 0)
+    }
+
+    /// The block of queue `q`'s shard `k`.
+    pub fn shard(&self, q: u16, k: u16) -> &QueueStats {
+        assert!(q < self.queues && k < self.shards, "queue {q} shard {k} out of range");
+        let row = usize::from(q) * usize::from(self.shards) + usize::from(k);
+        let p = self.map.as_ptr().wrapping_add(BLOCK * (1 + row));
+        // SAFETY: the block lies inside the mapping (row < queues x shards), is 128-byte
+        // aligned (the mapping is page aligned and BLOCK is 128), and is zero-initialised
+        // memory, a valid QueueStats (all atomics). It lives as long as `self`.
         unsafe { &*(p as *const QueueStats) }
     }
 
@@ -276,9 +325,10 @@ impl StatsRegion {
 
     /// Snapshots every queue (atomic loads: the queues keep writing meanwhile).
     pub fn snapshot(&self) -> Vec<QueueSnapshot> {
-        (0..self.queues)
-            .map(|q| {
-                let p = self.queue(q) as *const QueueStats as *const AtomicU64;
+        let rows = (0..self.queues)
+            .flat_map(|q| (0..self.shards).map(move |k| (q, k)))
+            .map(|(q, k)| {
+                let p = self.shard(q, k) as *const QueueStats as *const AtomicU64;
                 let words: Vec<u64> = (0..BLOCK / 8)
                     // SAFETY: QueueStats is repr(C) and made only of AtomicU64s (plus padding
                     // to BLOCK, zero-initialised mapping memory), so it is BLOCK/8 consecutive
@@ -287,7 +337,8 @@ impl StatsRegion {
                     .collect();
                 QueueSnapshot::from_words(&words)
             })
-            .collect()
+            .collect();
+        QueueSnapshot::fold(rows, usize::from(self.shards))
     }
 
     /// Reads a stats file written by a daemon: one snapshot per queue.
@@ -297,10 +348,13 @@ impl StatsRegion {
             return None;
         }
         let queues = usize::from(u16::from_le_bytes(data[8..10].try_into().ok()?));
-        if data.len() < BLOCK * (1 + queues) {
+        // 0 in files written before shards existed.
+        let shards = usize::from(u16::from_le_bytes(data[10..12].try_into().ok()?)).max(1);
+        let nrows = queues * shards;
+        if data.len() < BLOCK * (1 + nrows) {
             return None;
         }
-        let rows = (0..queues)
+        let rows = (0..nrows)
             .map(|q| {
                 let base = BLOCK * (1 + q);
                 let words: Vec<u64> = data[base..base + BLOCK]
@@ -310,7 +364,7 @@ impl StatsRegion {
                 QueueSnapshot::from_words(&words)
             })
             .collect();
-        Some(rows)
+        Some(QueueSnapshot::fold(rows, shards))
     }
 }
 

@@ -187,6 +187,13 @@ pub trait Target: Send + Sync {
     fn files(&self) -> Vec<RawFd> {
         Vec::new()
     }
+    /// Whether one queue's tags may be served by several core threads, each with a handler of
+    /// its own (`queue_handler` once per shard, each seeing only its share of the tags): false
+    /// where a queue's handler owns something one per queue (a connection), or counts requests
+    /// across the whole queue.
+    fn spreads_tags(&self) -> bool {
+        false
+    }
     /// The most queues the target can serve (e.g. one per connection its server allows).
     fn max_queues(&self) -> u16 {
         u16::MAX

@@ -390,6 +390,9 @@ impl Target for LoopTarget {
         f
     }
 
+    fn spreads_tags(&self) -> bool {
+        true
+    }
     fn supports_zero_copy(&self) -> bool {
         true
     }

@@ -50,6 +50,9 @@ impl Target for NullTarget {
         vec![self.zero.as_raw_fd()]
     }
 
+    fn spreads_tags(&self) -> bool {
+        true
+    }
     fn supports_zero_copy(&self) -> bool {
         true
     }

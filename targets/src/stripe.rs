@@ -123,6 +123,9 @@ impl Target for StripeTarget {
         self.members.iter().flat_map(|m| m.files()).collect()
     }
 
+    fn spreads_tags(&self) -> bool {
+        true
+    }
     fn supports_zero_copy(&self) -> bool {
         true
     }

@@ -33,6 +33,8 @@ pub struct DevRow {
     pub flag_bits: u64,
     /// The CPU serving each queue.
     pub queue_cpus: Vec<usize>,
+    /// The CPUs serving each queue's tags (more than one where PER_IO_DAEMON spread them).
+    pub tag_cpus: Vec<Vec<usize>>,
     /// The kernel's CPUs for each queue (what `queue_cpus` was chosen from).
     pub queue_affinity: Vec<Vec<usize>>,
     /// How the serving daemon set its queues up.
@@ -144,6 +146,7 @@ fn row(c: &mut Control, id: u32) -> Result<DevRow, CliError> {
         target: rec.as_ref().map(|r| r.target.clone()),
         setup: rec.as_ref().map(|r| r.setup.clone()),
         queue_cpus: rec.as_ref().map(|r| r.queue_cpus.clone()).unwrap_or_default(),
+        tag_cpus: rec.as_ref().map(|r| r.tag_cpus.clone()).unwrap_or_default(),
         queue_affinity: rec.as_ref().map(|r| r.queue_affinity.clone()).unwrap_or_default(),
         args: rec.map(|r| r.args).unwrap_or_default(),
         flags: feature_names(info.flags),
@@ -204,8 +207,19 @@ fn two_line(r: &DevRow, verbose: bool) -> String {
         r.flag_bits,
         r.state
     );
-    let cores: Vec<String> =
-        r.queue_cpus.iter().enumerate().map(|(q, c)| format!("{q}->cpu{c}")).collect();
+    let cores: Vec<String> = r
+        .queue_cpus
+        .iter()
+        .enumerate()
+        .map(|(q, c)| match r.tag_cpus.get(q).filter(|t| t.len() > 1) {
+            // PER_IO_DAEMON: the queue's tags on several cores, its own first.
+            Some(t) => format!(
+                "{q}->cpu{}",
+                t.iter().map(usize::to_string).collect::<Vec<_>>().join("+cpu")
+            ),
+            None => format!("{q}->cpu{c}"),
+        })
+        .collect();
     out += &format!(
         "\tqueues {}\n\ttarget {} {}\n",
         if cores.is_empty() { "?".to_string() } else { cores.join(" ") },

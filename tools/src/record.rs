@@ -21,6 +21,9 @@ pub struct Record {
     pub depth: u16,
     /// The CPU each queue's thread is pinned to.
     pub queue_cpus: Vec<usize>,
+    /// The CPUs whose threads serve each queue's tags (PER_IO_DAEMON; `queue_cpus`'s first).
+    #[serde(default)]
+    pub tag_cpus: Vec<Vec<usize>>,
     /// The kernel's CPUs for each queue (GET_QUEUE_AFFINITY), which `queue_cpus` was chosen
     /// from.
     #[serde(default)]
@@ -162,6 +165,7 @@ mod tests {
             queues: 2,
             depth: 64,
             queue_cpus: vec![0, 1],
+            tag_cpus: vec![vec![0], vec![1]],
             queue_affinity: vec![vec![0], vec![1]],
             backing: String::new(),
             cwd: "/".into(),
@@ -205,6 +209,7 @@ mod prop_tests {
                 queues: b.0,
                 depth: b.1,
                 queue_cpus: b.2,
+                tag_cpus: Vec::new(),
                 queue_affinity: b.3,
                 argv: c.0,
                 cwd: c.1,

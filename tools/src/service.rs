@@ -272,6 +272,7 @@ impl Node {
             queues: dev.info.nr_hw_queues,
             depth: dev.info.queue_depth,
             queue_cpus: dev.queue_cpus.clone(),
+            tag_cpus: dev.tag_cpus.clone(),
             queue_affinity: dev.queue_affinity.clone(),
             setup: dev.setup.clone(),
             ..record_of(id, target.as_ref(), argv, cwd)
@@ -279,12 +280,18 @@ impl Node {
         if let Err(e) = rec.save() {
             warn(format!("cannot write {}: {e}", record::path(id).display()));
         }
+        let spread = dev.tag_cpus.iter().any(|c| c.len() > 1);
         log(format!(
-            "dev {id}: {} queues x depth {}, max I/O {} KiB, on CPUs {}: {}",
+            "dev {id}: {} queues x depth {}, max I/O {} KiB, on CPUs {}{}: {}",
             dev.info.nr_hw_queues,
             dev.info.queue_depth,
             dev.info.max_io_buf_bytes >> 10,
             build::list_str(&dev.queue_cpus),
+            if spread {
+                format!(" (tags spread over CPUs {})", build::list_str(&dev.tag_cpus.concat()))
+            } else {
+                String::new()
+            },
             dev.setup
         ));
         self.devices.insert(id, Served { dev, target, rec });
@@ -598,6 +605,7 @@ fn record_of(id: u32, target: &dyn Target, argv: Vec<String>, cwd: &Path) -> Rec
         queues: 0,
         depth: 0,
         queue_cpus: Vec::new(),
+        tag_cpus: Vec::new(),
         queue_affinity: Vec::new(),
         argv,
         cwd: cwd.to_string_lossy().into_owned(),
