@@ -1,13 +1,20 @@
 #!/bin/bash
 # Guest side of `bench/run.sh peers`: ublk-fast against its peers in one boot, alternating, RUNS
 # runs each, fio io_uring direct, medians. Peers: kernel null_blk (the floor for null), the
-# kernel loop driver (direct I/O), rublk (libublk's generic targets) where its binary exists, and
+# kernel loop driver (direct I/O), rublk (libublk's generic targets) and kublk (the kernel
+# selftests' server, default copy mode and --auto_zc) where their binaries exist, and
 # fuse-loop: the kernel loop driver (direct I/O) on a file of a FUSE server, bench/fuse-file
 # (O_DIRECT backing file, FOPEN_DIRECT_IO, one thread per vCPU), serving the same backing file.
 #   peers.sh OUT.md [RUNTIME_S] [RUNS]
 # Environment:
 #   UBLK_FAST_BIN  the ublk-fast binary (default target/release/ublk-fast)
 #   RUBLK_BIN      the rublk binary (default /var/tmp/ublk-fast-peers/bin/rublk); missing: skipped
+#   KUBLK_BIN      the kublk binary (default /var/tmp/ublk-fast-peers/bin/kublk, built by
+#                  bench/build-kublk.sh); missing: skipped
+#   BACKING        what the loop peers serve (default ext4): ext4 or xfs = one 1 GiB file on that
+#                  file system on a brd ramdisk, opened with O_DIRECT by every server; brd = the
+#                  ramdisk itself (fuse-loop, which needs a file, is skipped); tmpfs = a file on
+#                  the guest's tmpfs (an extra row only: tmpfs has no O_DIRECT of its own)
 #   FUSE_FILE_BIN  the fuse-file binary (default bench/fuse-file/target/release/fuse-file, built by
 #                  bench/run.sh peers); missing: skipped
 #   PEERS          which peers, space-separated (default: $DEFAULT_PEERS below: every engine
@@ -20,15 +27,23 @@ OUT=$1; RT=${2:-5}; RUNS=${3:-3}
 B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
 R=${RUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/rublk}
 F=${FUSE_FILE_BIN:-$(pwd)/bench/fuse-file/target/release/fuse-file}
-ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll uf-null-batch null_blk rublk-null rublk-null-copy uf-loop uf-loop-copy uf-loop-sqpoll uf-loop-batch kernel-loop fuse-loop rublk-loop"
-DEFAULT_PEERS="uf-null uf-null-copy uf-null-batch uf-null-sqpoll null_blk rublk-null rublk-null-copy uf-loop uf-loop-batch uf-loop-sqpoll kernel-loop fuse-loop rublk-loop"
+K=${KUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/kublk}
+BACKING=${BACKING:-ext4}
+ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll uf-null-batch null_blk rublk-null rublk-null-copy kublk-null kublk-null-autozc uf-loop uf-loop-copy uf-loop-sqpoll uf-loop-batch kernel-loop fuse-loop rublk-loop kublk-loop kublk-loop-autozc"
+DEFAULT_PEERS="uf-null uf-null-copy uf-null-batch uf-null-sqpoll null_blk rublk-null rublk-null-copy kublk-null kublk-null-autozc uf-loop uf-loop-batch uf-loop-sqpoll kernel-loop fuse-loop rublk-loop kublk-loop kublk-loop-autozc"
 PEERS=${PEERS:-$DEFAULT_PEERS}
-NQ=$(nproc); DEPTH=128; RUBLK_ID=50
+NQ=$(nproc); DEPTH=128; RUBLK_ID=50; KUBLK_ID=60
 W=$(mktemp -d /tmp/bench.XXXX)
-IMG=/tmp/bench-backing.img
+FS=/tmp/bench-fs      # ext4/xfs backing: the file system on /dev/ram0
+case $BACKING in
+  ext4|xfs) IMG=$FS/backing.img ;;
+  brd) IMG=/dev/ram0 ;;
+  tmpfs) IMG=/tmp/bench-backing.img ;;
+  *) echo "peers: BACKING=$BACKING: ext4, xfs, brd or tmpfs" >&2; exit 2 ;;
+esac
 MNT=/tmp/bench-fuse   # fuse-loop's mount point; its file is $MNT/disk
 # rw:bs:iodepth:numjobs
-JOBS="randread:4k:1:1 randread:4k:64:1 randread:4k:64:2 randwrite:4k:1:1 randwrite:4k:64:1 randwrite:4k:64:2 read:128k:32:1"
+JOBS=${JOBS:-"randread:4k:1:1 randread:4k:4:1 randread:4k:64:1 randread:4k:64:2 randwrite:4k:1:1 randwrite:4k:4:1 randwrite:4k:64:1 randwrite:4k:64:2 read:128k:32:1 write:128k:32:1"}
 TCK=$(getconf CLK_TCK)
 
 CUR=""; DEV=""; DPID=""
@@ -36,6 +51,7 @@ teardown() { # the current peer's device
   case $CUR in
     uf-*) "$B" del -n "${DEV#/dev/ublkb}" ;;
     rublk-*) "$R" del -n "$RUBLK_ID" ;;
+    kublk-*) "$K" del -n "$KUBLK_ID" >/dev/null ;;
     kernel-loop) losetup -d "$DEV" ;;
     fuse-loop) fuse_teardown ;;
   esac
@@ -53,7 +69,11 @@ cleanup() {
   [ -n "$CUR" ] && teardown
   lsmod | grep -q '^null_blk' && rmmod null_blk
   [ -d "$MNT" ] && ! mountpoint -q "$MNT" && rmdir "$MNT"
-  rm -rf "$W" "$IMG"
+  case $BACKING in
+    ext4|xfs) umount "$FS" 2>/dev/null; rmdir "$FS" 2>/dev/null ;;
+    tmpfs) rm -f "$IMG" ;;
+  esac
+  rm -rf "$W"
 }
 trap cleanup EXIT
 
@@ -65,10 +85,12 @@ modprobe ublk_drv
 for p in $PEERS; do
   case $p in
     rublk-*) [ -x "$R" ] || skip "$p" "no rublk binary at $R (install: cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk)" ;;
+    kublk-*) [ -x "$K" ] || skip "$p" "no kublk binary at $K (bench/build-kublk.sh builds it)" ;;
     uf-*|null_blk|kernel-loop) ;;
     fuse-loop) modprobe fuse 2>/dev/null || true
       if [ ! -x "$F" ]; then skip "$p" "no fuse-file binary at $F (build: cargo build --release --manifest-path bench/fuse-file/Cargo.toml)"
-      elif [ ! -c /dev/fuse ]; then skip "$p" "no /dev/fuse"; fi ;;
+      elif [ ! -c /dev/fuse ]; then skip "$p" "no /dev/fuse"
+      elif [ "$BACKING" = brd ]; then skip "$p" "BACKING=brd: fuse-file serves a file"; fi ;;
     *) skip "$p" "unknown peer (known: $ALL_PEERS)" ;;
   esac
 done
@@ -79,8 +101,15 @@ if [[ " $PEERS " == *" null_blk "* ]]; then
 fi
 if [[ " $PEERS " == *loop* ]]; then
   modprobe loop || true
-  echo "peers: writing the 1 GiB backing file $IMG" >&2
-  dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none
+  case $BACKING in
+    ext4|xfs) modprobe brd rd_nr=1 rd_size=1310720
+      if [ "$BACKING" = ext4 ]; then mkfs.ext4 -q -F /dev/ram0; else mkfs.xfs -q -f /dev/ram0; fi
+      mkdir -p "$FS" && mount /dev/ram0 "$FS" ;;
+    brd) modprobe brd rd_nr=1 rd_size=1048576 ;;
+  esac
+  echo "peers: writing the 1 GiB backing $IMG ($BACKING)" >&2
+  dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none conv=fsync
+  echo "loop peers serve $IMG: $(case $BACKING in ext4|xfs) echo "a file on $BACKING on a 1.25 GiB brd ramdisk";; brd) echo "a 1 GiB brd ramdisk";; tmpfs) echo "a file on the guest's tmpfs";; esac)" >> "$W/notes"
 fi
 CMD[uf-null]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy on"
 CMD[uf-null-copy]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy off"
@@ -96,6 +125,10 @@ CMD[fuse-loop]="$F --backing $IMG --mountpoint $MNT --threads $NQ; losetup --dir
 CMD[rublk-null]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet"
 CMD[rublk-null-copy]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --quiet"
 CMD[rublk-loop]="$R add loop -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet -f $IMG"
+CMD[kublk-null]="$K add -t null -q $NQ -d $DEPTH -n $KUBLK_ID --quiet"
+CMD[kublk-null-autozc]="$K add -t null -q $NQ -d $DEPTH -n $KUBLK_ID --auto_zc --quiet"
+CMD[kublk-loop]="$K add -t loop -q $NQ -d $DEPTH -n $KUBLK_ID --quiet $IMG"
+CMD[kublk-loop-autozc]="$K add -t loop -q $NQ -d $DEPTH -n $KUBLK_ID --auto_zc --quiet $IMG"
 
 setup() { # peer -> sets CUR DEV DPID, or returns 1
   local p=$1 out
@@ -110,13 +143,17 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
       for _ in $(seq 100); do [ -f "$MNT/disk" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
       [ -f "$MNT/disk" ] || { cat "$W/fuse-file.log" >&2; return 1; }
       DEV=$(losetup --direct-io=on -f --show "$MNT/disk") || return 1 ;;
+    kublk-*) out=$(${CMD[$p]} 2>&1) || { echo "$out" >&2; return 1; }
+      DEV=/dev/ublkb$KUBLK_ID
+      for _ in $(seq 50); do [ -b $DEV ] && break; sleep 0.1; done
+      [ -b $DEV ] || { CUR=$p; return 1; } ;;
     rublk-*) out=$(${CMD[$p]} 2>&1) || { echo "$out" >&2; return 1; }
       DEV=/dev/ublkb$RUBLK_ID
       for _ in $(seq 50); do [ -b $DEV ] && break; sleep 0.1; done
       [ -b $DEV ] || { CUR=$p; return 1; } ;;
   esac
   CUR=$p
-  case $p in uf-*|rublk-*)
+  case $p in uf-*|rublk-*|kublk-*)
     # The kernel's own record of the serving process works for any ublk server.
     DPID=$("$B" list -n "${DEV#/dev/ublkb}" --json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -1) ;;
   esac
@@ -205,8 +242,10 @@ for p in present:
             med[p, job] = [statistics.median(v[k] for v in vals) for k in range(8)]
             spread[p, job] = (min(v[0] for v in vals), max(v[0] for v in vals))
 present = [p for p in present if any((p, j) in med for j in jobs)]
-daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-") or p == "fuse-loop"
+daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-") or p.startswith("kublk-") or p == "fuse-loop"
 PAIRS = [("uf-null", "null_blk"), ("uf-null", "rublk-null"), ("uf-null-copy", "rublk-null-copy"),
+         ("uf-null", "kublk-null"), ("uf-null", "kublk-null-autozc"), ("uf-loop", "kublk-loop"),
+         ("uf-loop", "kublk-loop-autozc"),
          ("uf-loop", "kernel-loop"), ("uf-loop", "rublk-loop"), ("uf-loop", "fuse-loop"), ("uf-loop-copy", "kernel-loop"),
          ("uf-null-ucopy", "rublk-null-copy"), ("uf-null-sqpoll", "uf-null"), ("uf-loop-sqpoll", "uf-loop"),
          ("uf-null-batch", "uf-null"), ("uf-loop-batch", "uf-loop"), ("uf-null-batch", "null_blk"),
@@ -219,13 +258,13 @@ def cell(p, job, fmt):
 
 kv = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
 L = []
-L.append("# ublk-fast vs peers: kernel null_blk, kernel loop, rublk, loop over FUSE\n")
+L.append("# ublk-fast vs peers: kernel null_blk, kernel loop, kublk, rublk, loop over FUSE\n")
 L.append(f"Guest kernel {kv}, {os.cpu_count()} vCPUs, **qemu TCG software emulation**: absolute numbers mean little, "
          f"only the ratios inside this one boot do (and they are not what real hardware would show: under TCG every "
          f"instruction costs about the same, so CPU work per I/O dominates). fio io_uring, direct=1, {rt} s per run "
          f"(+1 s ramp), {runs} runs per cell, each run going through the peers in the opposite order of the last; "
          f"medians. Jobs are `rw:bs:iodepth:numjobs` (numjobs 2: `--group_reporting`). Null devices are 1 GiB "
-         f"(rublk null is 250 GiB, fio touches 1 GiB); loop devices serve one 1 GiB file on the guest's tmpfs. "
+         f"(rublk null is 250 GiB, fio touches 1 GiB); the loop devices' backing is in the notes below the peers. "
          f"Every server runs {os.cpu_count()} queues of depth 128; fuse-loop is the kernel loop driver (direct I/O) on the "
          f"one file of bench/fuse-file, a FUSE server with {os.cpu_count()} threads (one /dev/fuse clone each) that serves "
          f"the same backing file with O_DIRECT pread/pwrite and opens it to the kernel with FOPEN_DIRECT_IO.\n")

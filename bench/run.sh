@@ -9,13 +9,15 @@
 #     the kernel's nbd client (nbd-client, same connection count) on nbdkit and qemu-nbd
 #   bench/run.sh latency [RUNTIME_S] [RUNS] [POLL_US] -> bench/results/<date>-latency.md: the
 #     latency mode (--poll-us) at qd1/qd4 against null_blk and kernel loop on brd
+#   bench/run.sh spread [RUNTIME_S] [RUNS]    -> bench/results/<date>-spread.md: a one-queue
+#     device served by one core vs by every core (PER_IO_DAEMON), null and loop on brd
 #   bench/run.sh soak [SECONDS]               -> bench/results/<date>-soak.md (default 1200 s;
 #     not in CI): devices under verified writes while the service is killed and restarted,
 #     devices are handed over, re-added, a backing device flips to dm-flakey; nothing lost
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
 #     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
-#     ublk-fast null/loop vs kernel null_blk, kernel loop and rublk (if installed:
+#     ublk-fast null/loop vs kernel null_blk, kernel loop, kublk (bench/build-kublk.sh) and rublk (if installed:
 #     cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk).
 #     UBLK_FAST_BIN=path uses that binary instead of building target/release; RUBLK_BIN=path,
 #     PEERS="uf-null null_blk ..." (see bench/peers.sh) pick the peer binary and the peers.
@@ -34,7 +36,7 @@ case $which in
           bench/loop-vs-kernel.sh "bench/results/$d-loop-vs-kernel.md" "$RT" "$RUNS" ;;
   metrics) tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/metrics-overhead.sh "bench/results/$d-metrics-overhead.md" "$RT" "${3:-5}" ;;
-  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN FUSE_FILE_BIN PEERS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
+  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN FUSE_FILE_BIN PEERS BACKING JOBS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
   devices) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN COUNTS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/devices.sh "bench/results/$d-devices.md" "$RT" "$RUNS" ;;
@@ -42,9 +44,11 @@ case $which in
           bench/nbd.sh "bench/results/$d-nbd.md" "$RT" "$RUNS" ;;
   latency) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/latency.sh "bench/results/$d-latency.md" "$RT" "$RUNS" "${4:-50}" ;;
+  spread) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+          bench/spread.sh "bench/results/$d-spread.md" "$RT" "$RUNS" ;;
   soak) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t $(( ${2:-1200} + 900 )) -r "$PWD/bench/results" -- \
           bench/soak.sh "bench/results/$d-soak.md" "${2:-1200}" ;;
   profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
           bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
-  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, latency, soak, profile)" >&2; exit 2 ;;
+  *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, latency, spread, soak, profile)" >&2; exit 2 ;;
 esac

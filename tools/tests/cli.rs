@@ -74,15 +74,15 @@ fn taken_id_is_refused_and_the_first_device_survives() {
 
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
-fn not_root_is_refused() {
+fn a_user_who_may_not_open_the_control_device_is_refused() {
     require_driver();
     check_refused(
         &format!("setpriv --reuid=65534 --regid=65534 --clear-groups {} null", bin()),
-        "must run as root",
+        "is not open to you: run as root",
     );
     check_refused(
         &format!("setpriv --reuid=65534 --regid=65534 --clear-groups {} list", bin()),
-        "must run as root",
+        "is not open to you: run as root",
     );
 }
 

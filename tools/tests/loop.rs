@@ -377,7 +377,7 @@ fn loop_bad_input_table() {
         (format!("{b} loop {ro}/f"), "read-only filesystem: add --read-only"),
         (
             format!("setpriv --reuid=65534 --regid=65534 --clear-groups {b} loop {used}"),
-            "must run as root",
+            "is not open to you: run as root",
         ),
     ];
     for (cmd, expect) in &cases {
