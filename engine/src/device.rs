@@ -43,8 +43,9 @@ pub struct DeviceConfig {
     pub batch: bool,
     /// UBLK_F_NO_AUTO_PART_SCAN: the kernel does not look for partitions when it starts.
     pub no_part_scan: bool,
-    /// Each queue on one core, even where PER_IO_DAEMON would spread its tags over more.
-    pub one_core_per_queue: bool,
+    /// Spread each queue's tags over several cores where PER_IO_DAEMON allows (off: each
+    /// queue on one core; on 2 vCPUs spreading measured slower, bench/results/*-spread.md).
+    pub spread_tags: bool,
     /// Latency mode: the cores serving the device poll this long (µs) after a busy loop turn
     /// before they sleep (0: off). A core polls as long as its longest-polling queue asks.
     pub poll_us: u32,
@@ -635,7 +636,7 @@ impl Device {
         let spread = self.features & UBLK_F_PER_IO_DAEMON != 0
             && !self.mode.batch()
             && target.spreads_tags()
-            && !cfg.one_core_per_queue;
+            && cfg.spread_tags;
         self.tag_cpus = if spread {
             spread_tags(&cfg.cpus, &affinity, &self.queue_cpus, cfg.depth)
         } else {
@@ -1010,7 +1011,7 @@ mod tests {
             user_copy: false,
             batch: false,
             no_part_scan: false,
-            one_core_per_queue: false,
+            spread_tags: false,
             poll_us: 0,
             slow_io_ms: 5000,
         };

@@ -203,7 +203,7 @@ pub fn device_config(opts: &AddOpts, service_cpus: &[usize]) -> Result<DeviceCon
         user_copy: opts.user_copy,
         batch: opts.batch_io,
         no_part_scan: opts.no_part_scan,
-        one_core_per_queue: opts.one_core_per_queue,
+        spread_tags: opts.spread_tags,
         poll_us: opts.poll_us.unwrap_or(0),
         slow_io_ms: opts.slow_io_ms.unwrap_or(5000),
     })

@@ -199,11 +199,11 @@ pub struct AddOpts {
     /// (UBLK_F_NO_AUTO_PART_SCAN)
     #[arg(long)]
     pub no_part_scan: bool,
-    /// Serve each queue on one core. By default a device with fewer queues than CPUs spreads
-    /// each queue's tags over the CPUs of its kernel affinity that serve no other queue
+    /// Serve each queue's tags on several cores: a device with fewer queues than CPUs spreads
+    /// a queue's tags over the CPUs of its kernel affinity that serve no other queue
     /// (UBLK_F_PER_IO_DAEMON, Linux 6.16+; null, loop and stripe; not with --batch-io)
     #[arg(long)]
-    pub one_core_per_queue: bool,
+    pub spread_tags: bool,
     /// ublksrv/kublk's `-z`: --zero-copy=on
     #[arg(short = 'z', hide = true)]
     pub z: bool,
@@ -248,7 +248,7 @@ impl AddOpts {
             && self.slow_io_ms.is_none()
             && !self.z
             && !self.no_part_scan
-            && !self.one_core_per_queue
+            && !self.spread_tags
             && self.r.is_none()
             && self.i.is_none()
             && self.e.is_none()
@@ -291,7 +291,7 @@ impl AddOpts {
             slow_io_ms: one("--slow-io-ms", self.slow_io_ms, other.slow_io_ms)?,
             z: self.z || other.z,
             no_part_scan: self.no_part_scan || other.no_part_scan,
-            one_core_per_queue: self.one_core_per_queue || other.one_core_per_queue,
+            spread_tags: self.spread_tags || other.spread_tags,
             r: one("-r", self.r, other.r)?,
             i: one("-i", self.i, other.i)?,
             e: one("-e", self.e, other.e)?,

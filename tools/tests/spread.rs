@@ -42,7 +42,7 @@ fn one_queue_is_served_by_every_core_and_its_data_verifies() {
     let img = "/tmp/spread.img";
     sh(&format!("rm -f {img} && truncate -s 256M {img}"));
     for mode in ["--zero-copy=auto", "--zero-copy=off", "--user-copy"] {
-        let mut args = vec!["loop", img, "-q", "1"];
+        let mut args = vec!["loop", img, "-q", "1", "--spread-tags"];
         args.extend(mode.split_whitespace());
         let dev = Dev::add(&args);
         let info = dev.info();
@@ -80,8 +80,8 @@ fn one_queue_is_served_by_every_core_and_its_data_verifies() {
         assert_eq!(dev.stat("io_errors"), 0, "{mode}");
         dev.del();
     }
-    // Asked for, one core per queue.
-    let dev = Dev::add(&["loop", img, "-q", "1", "--one-core-per-queue"]);
+    // Not asked for: one core per queue.
+    let dev = Dev::add(&["loop", img, "-q", "1"]);
     assert_eq!(dev.info()["tag_cpus"][0].as_array().unwrap().len(), 1);
     dev.del();
     let _ = std::fs::remove_file(img);
