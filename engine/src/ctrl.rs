@@ -62,10 +62,11 @@ pub struct Control {
 }
 
 /// Whether this process lacks CAP_SYS_ADMIN: it may only create and drive unprivileged
-/// devices (UBLK_F_UNPRIVILEGED_DEV).
+/// devices (UBLK_F_UNPRIVILEGED_DEV). Read once: every path and command asks it.
 pub fn unprivileged() -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
-    !crate::device::has_capability(CAP_SYS_ADMIN)
+    static UNPRIVILEGED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNPRIVILEGED.get_or_init(|| !crate::device::has_capability(CAP_SYS_ADMIN))
 }
 
 /// Turns an io_uring setup failure into the reason a user can act on.

@@ -349,24 +349,16 @@ fn wait_for_access(id: u32) -> Result<()> {
     Ok(())
 }
 
-/// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to create the node and, for an
-/// unprivileged device, for udev to hand it to its owner.
+/// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to create the node (an
+/// unprivileged device's hand-over to its owner was waited for by `wait_for_access`).
 fn open_cdev(id: u32) -> Result<File> {
     let path = format!("/dev/ublkc{id}");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => return Ok(f),
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES))
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
-                return Err(Error::os("open /dev/ublkcN", e).dev(id).hint(
-                    "udev did not give the device's nodes to their owner: install dist/60-ublk-fast.rules",
-                ))
             }
             Err(e) => return Err(Error::os("open /dev/ublkcN", e).dev(id)),
         }
@@ -853,22 +845,31 @@ impl Device {
 
 /// Without CAP_IPC_LOCK, the locked and registered copy buffers count against RLIMIT_MEMLOCK:
 /// check before creating anything, and name the limit needed.
-fn check_memlock(cfg: &DeviceConfig) -> Result<()> {
-    let need = arena_len(cfg.depth, cfg.max_io_bytes) as u64 * u64::from(cfg.queues);
+/// The RLIMIT_MEMLOCK this process's locked copy buffers must fit, in bytes; `None` when
+/// nothing bounds them (CAP_IPC_LOCK, an infinite limit, or one that cannot be read).
+fn memlock_limit() -> Option<u64> {
     if has_cap_ipc_lock() {
-        return Ok(());
+        return None;
     }
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
-        return Ok(());
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
     }
-    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
+    Some(lim.rlim_cur)
+}
+
+fn check_memlock(cfg: &DeviceConfig) -> Result<()> {
+    let need = arena_len(cfg.depth, cfg.max_io_bytes) as u64 * u64::from(cfg.queues);
+    let Some(limit) = memlock_limit() else { return Ok(()) };
+    if limit < need {
         return Err(Error::exhausted(format!(
             "RLIMIT_MEMLOCK is {} KiB but {} queues x depth {} of copy buffers need {} KiB locked: \
              raise it (ulimit -l {}, or LimitMEMLOCK= for a service), lower --depth/--queues, or use \
              --zero-copy",
-            lim.rlim_cur >> 10,
+            limit >> 10,
             cfg.queues,
             cfg.depth,
             need >> 10,
@@ -909,16 +910,7 @@ fn check_unprivileged(cfg: &DeviceConfig, features: u64, integrity: bool) -> Res
 /// process may still lock (RLIMIT_MEMLOCK less what it has pinned already: io_uring charges
 /// registered buffers there). A notice when it did; `check_memlock` refuses what cannot fit.
 fn fit_memlock(cfg: &mut DeviceConfig) -> Option<String> {
-    if has_cap_ipc_lock() {
-        return None;
-    }
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
-        || lim.rlim_cur == libc::RLIM_INFINITY
-    {
-        return None;
-    }
+    let limit = memlock_limit()?;
     let pinned = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -927,7 +919,7 @@ fn fit_memlock(cfg: &mut DeviceConfig) -> Option<String> {
         })
         .unwrap_or(0)
         << 10;
-    let left = lim.rlim_cur.saturating_sub(pinned);
+    let left = limit.saturating_sub(pinned);
     let asked = cfg.max_io_bytes;
     while arena_len(cfg.depth, cfg.max_io_bytes) as u64 * u64::from(cfg.queues) > left
         && cfg.max_io_bytes > 4096
