@@ -16,22 +16,7 @@ dd if=/dev/zero of=/dev/ram1 bs=1M count=1024 status=none
 JOBS="randread:4k:1:1 randwrite:4k:1:1 randread:4k:4:1 randread:4k:1:2 randwrite:4k:4:2"
 PEERS="uf-null uf-null-poll null_blk uf-loop uf-loop-poll kernel-loop"
 
-busy_total() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
-stat_of() { # dev counter -> summed over queues
-  $B list -n "${1#/dev/ublkb}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[0]['stats'].get('$2', 0))"
-}
-run_fio() { # dev job run peer
-  local rw bs qd nj; IFS=: read -r rw bs qd nj <<< "$2"
-  local a b e0 e1
-  a=$(busy_total)
-  e0=0; [[ $1 == /dev/ublkb* ]] && e0=$(stat_of "$1" ring_enters)
-  fio --name=b --filename="$1" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
-      --numjobs="$nj" --group_reporting --runtime="$RT" --time_based --ramp_time=1 --size=1G \
-      --eta=never --output-format=json --output="$W/$4.$2.$3.json" >/dev/null
-  b=$(busy_total)
-  e1=0; [[ $1 == /dev/ublkb* ]] && e1=$(stat_of "$1" ring_enters)
-  echo "$a $b $e0 $e1" > "$W/$4.$2.$3.cpu"
-}
+. "$(dirname "$0")/fio-cells.sh"
 for run in $(seq 1 "$RUNS"); do
   order=$PEERS
   [ $((run % 2)) = 0 ] && order=$(echo $PEERS | tr ' ' '\n' | tac | tr '\n' ' ')
