@@ -1,33 +1,105 @@
 #!/bin/bash
 # Runs the integration test binaries listed in $1 (one path a line) with --ignored, one test at
 # a time (they share the kernel's device table), where ublk_drv is loaded. A test that cannot
-# run here prints "SKIP: reason" (common::skip) and is counted as skipped, not passed. Prints
-# the skip reasons and one closing line "integration: N passed, M failed, K skipped". Called by tools/test.sh through tools/vm/run.sh.
+# run here prints "SKIP: reason" (common::skip) and is counted as skipped, not passed.
+#
+# Each test runs in a process of its own under a watchdog (IT_TEST_LIMIT seconds, default
+# 900): a test that hangs (a kernel or daemon bug, a wait without bound) is failed with the
+# kernel stacks of every blocked task, the daemon's log and the processes left, then everything
+# it left is killed and deleted, and the suite goes on. Without it one hang ate the CI's whole
+# budget and said nothing about where it hung.
+#
+# Prints the time each test took, the skip reasons, and one closing line
+# "integration: N passed, M failed, K skipped". Called by tools/test.sh through tools/vm/run.sh.
 set -u
 list=$1; filter=${2:-}
+limit=${IT_TEST_LIMIT:-900}
 modprobe ublk_drv || { echo "it.sh: cannot load ublk_drv"; exit 1; }
 modprobe loop 2>/dev/null
 echo "kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/{print int($2/1024)" MiB"}' /proc/meminfo), fio $(fio --version)"
-passed=0; failed=0; skipped=0; rc=0; reasons=$(mktemp)
+passed=0; failed=0; skipped=0; rc=0; reasons=$(mktemp); hung=()
+# The release binary the tests drive (common::bin): next to the test binaries' deps folder.
+ublk=$(dirname "$(head -1 "$list")")/../ublk-fast
+
+# What a hung test leaves for whoever reads the log: where every blocked task sleeps.
+diagnose() {
+  echo "=== it.sh: $1 ran past ${limit}s: diagnostics"
+  echo "--- processes (not sleeping interruptibly, or ours)"
+  ps -eo pid,ppid,stat,etimes,wchan:32,args | awk 'NR==1 || $3 !~ /^[SI]/ || /ublk|fio|dd |blk|mkfs|fsck|nbd|qemu/' \
+    | grep -v ' awk \| ps -eo' | cut -c1-200
+  for p in $(ps -eo pid,stat | awk '$2 ~ /^D/ {print $1}') $(pgrep -x ublk-fast); do
+    for task in /proc/"$p"/task/*; do
+      [ -r "$task/stack" ] || continue
+      echo "--- stack of $(cat "$task/comm" 2>/dev/null) (pid $p, tid ${task##*/}, $(awk '{print $3}' "$task/stat" 2>/dev/null))"
+      cat "$task/stack" 2>/dev/null
+    done
+  done
+  echo "--- ublk devices: $(ls /sys/class/ublk-char 2>/dev/null | tr '\n' ' ')"
+  timeout 10 "$ublk" list 2>&1 | head -40
+  echo "--- daemon log (last 60 lines)"
+  tail -n 60 /run/ublk-fast/daemon.log 2>/dev/null
+  echo "--- kernel log (last 150 lines; sysrq-w: the blocked tasks)"
+  echo w > /proc/sysrq-trigger 2>/dev/null; sleep 1
+  dmesg | tail -n 150
+  echo "=== it.sh: end of diagnostics"
+}
+
+# Leaves the kernel's device table and the processes as a fresh test expects them.
+clean_up() {
+  pkill -9 -x fio 2>/dev/null; pkill -9 -x ublk-fast 2>/dev/null
+  pkill -9 -x blkdiscard 2>/dev/null; pkill -9 -x dd 2>/dev/null
+  sleep 1
+  timeout 60 "$ublk" del --all >/dev/null 2>&1
+  for d in $(dmsetup ls 2>/dev/null | awk '/^ublk-fast-it/ {print $1}'); do
+    timeout 10 dmsetup remove -f "$d" >/dev/null 2>&1
+  done
+}
+
 while read -r bin; do
   [ -x "$bin" ] || { echo "it.sh: missing $bin"; rc=1; continue; }
+  name=$(basename "$bin" | sed 's/-[0-9a-f]*$//')
   echo "--- $(basename "$bin")"
-  out=$(mktemp)
   # shellcheck disable=SC2086
-  "$bin" --ignored --test-threads=1 --nocapture $filter 2>&1 | tee "$out"
-  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-  p=$(sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$out" | tail -1)
-  f=$(sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$out" | tail -1)
-  # `test NAME ... SKIP: why` (the reason may also start a line of its own).
-  k=$(grep -c 'SKIP: ' "$out")
-  grep -o 'SKIP: .*' "$out" | sed "s|^|  $(basename "$bin" | sed 's/-[0-9a-f]*$//'): |" >> "$reasons"
-  passed=$((passed + ${p:-0} - k)); failed=$((failed + ${f:-0})); skipped=$((skipped + k))
-  rm -f "$out"
+  tests=$("$bin" --ignored --list --format=terse $filter 2>/dev/null | sed -n 's/: test$//p')
+  for t in $tests; do
+    out=$(mktemp)
+    t0=$(date +%s)
+    # A session of its own, so that the watchdog can end the test and every child it started.
+    setsid "$bin" --ignored --exact --test-threads=1 --nocapture "$t" > "$out" 2>&1 &
+    pid=$!
+    tail -f --pid=$pid -n +1 "$out" 2>/dev/null &
+    tailpid=$!
+    while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 1; done
+    if kill -0 $pid 2>/dev/null; then
+      diagnose "$name::$t"
+      kill -9 -- -$pid 2>/dev/null
+      wait $pid 2>/dev/null
+      clean_up
+      hung+=("$name::$t")
+      echo "test $t ... FAILED (hung: killed after ${limit}s)"
+      failed=$((failed + 1)); rc=1
+    else
+      wait $pid; trc=$?
+      p=$(sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$out" | tail -1)
+      f=$(sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$out" | tail -1)
+      # `test NAME ... SKIP: why` (the reason may also start a line of its own).
+      k=$(grep -c 'SKIP: ' "$out")
+      grep -o 'SKIP: .*' "$out" | sed "s|^|  $name: |" >> "$reasons"
+      # A binary that died without its summary (a crash) is a failure too.
+      if [ -z "$p" ] || { [ "$trc" != 0 ] && [ "${f:-0}" = 0 ]; }; then f=1; p=0; fi
+      passed=$((passed + p - k)); failed=$((failed + f)); skipped=$((skipped + k))
+      [ "$trc" = 0 ] || rc=1
+    fi
+    sleep 0.2; kill $tailpid 2>/dev/null; wait $tailpid 2>/dev/null
+    echo "  ($name::$t took $(( $(date +%s) - t0 ))s)"
+    rm -f "$out"
+  done
 done < "$list"
 # Leave nothing behind, and say so if a test did.
 left=$(ls /sys/class/ublk-char 2>/dev/null | wc -l)
 [ "$left" = 0 ] || { echo "it.sh: $left ublk device(s) left behind"; rc=1; }
 if [ "$skipped" -gt 0 ]; then echo "skipped tests:"; cat "$reasons"; fi
+if [ "${#hung[@]}" -gt 0 ]; then echo "hung tests (killed after ${limit}s): ${hung[*]}"; fi
 rm -f "$reasons"
 echo "integration: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ] || rc=1
