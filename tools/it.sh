@@ -88,7 +88,14 @@ while read -r bin; do
       # A binary that died without its summary (a crash) is a failure too.
       if [ -z "$p" ] || { [ "$trc" != 0 ] && [ "${f:-0}" = 0 ]; }; then f=1; p=0; fi
       passed=$((passed + p - k)); failed=$((failed + f)); skipped=$((skipped + k))
-      [ "$trc" = 0 ] || rc=1
+      # A failed test may leave a device mid-teardown in the service: the next test starts
+      # from nothing rather than inherit it.
+      if [ "$trc" != 0 ]; then
+        rc=1
+        echo "--- it.sh: $name::$t failed; the daemon log's last 40 lines:"
+        tail -n 40 /run/ublk-fast/daemon.log 2>/dev/null
+        clean_up
+      fi
     fi
     sleep 0.2; kill $tailpid 2>/dev/null; wait $tailpid 2>/dev/null
     echo "  ($name::$t took $(( $(date +%s) - t0 ))s)"
