@@ -67,9 +67,10 @@ while read -r bin; do
     # A session of its own, so that the watchdog can end the test and every child it started.
     setsid "$bin" --ignored --exact --test-threads=1 --nocapture "$t" > "$out" 2>&1 &
     pid=$!
-    tail -f --pid=$pid -n +1 "$out" 2>/dev/null &
+    # Shows the output as it comes; ends by itself (after a last read) once the test ended.
+    tail -s 0.2 -f --pid=$pid -n +1 "$out" 2>/dev/null &
     tailpid=$!
-    while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 1; done
+    timeout "$limit" tail -s 0.2 --pid=$pid -f /dev/null
     if kill -0 $pid 2>/dev/null; then
       diagnose "$name::$t"
       kill -9 -- -$pid 2>/dev/null
@@ -97,7 +98,7 @@ while read -r bin; do
         clean_up
       fi
     fi
-    sleep 0.2; kill $tailpid 2>/dev/null; wait $tailpid 2>/dev/null
+    wait $tailpid 2>/dev/null
     echo "  ($name::$t took $(( $(date +%s) - t0 ))s)"
     rm -f "$out"
   done
