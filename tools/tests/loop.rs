@@ -43,10 +43,10 @@ fn fio_verify_matrix(dev: &str) -> u64 {
          do_verify=1\nverify_fatal=1\nstonewall\n"
     );
     for (bs, size) in [
-        ("bs=4k", "8M"),
-        ("bs=64k", "32M"),
-        ("bs=1M", "64M"),
-        ("bssplit=4k/40:16k/30:64k/20:1M/10", "32M"),
+        ("bs=4k", "4M"),
+        ("bs=64k", "16M"),
+        ("bs=1M", "32M"),
+        ("bssplit=4k/40:16k/30:64k/20:1M/10", "16M"),
     ] {
         for qd in [1, 32, 128] {
             job += &format!(

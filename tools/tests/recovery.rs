@@ -49,7 +49,7 @@ fn expect_clean_fio(fio: std::process::Child, what: &str) {
 /// Starts the crash job at 1000 writes/s, saving fio's verify state on exit
 /// (`verify_state_save`): what was acknowledged is what `verify_acknowledged` checks later.
 fn spawn_stateful_writes(dev: &Dev, dir: &str) -> std::process::Child {
-    let mut args = crash_job(&dev.path, dir, "64M");
+    let mut args = crash_job(&dev.path, dir, "32M");
     args.extend(["--rate_iops=1000", "--do_verify=0", "--verify_state_save=1"].map(String::from));
     spawn_fio(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
@@ -87,7 +87,7 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
         let name = format!("{mode}-{queues}-{zc}{}", more.replace([' ', '-'], ""));
         let f = format!("/tmp/ublk-fast-it-recover-{name}.img");
         let dir = format!("/tmp/ublk-fast-it-recover-state-{name}");
-        sh(&format!("rm -rf {f} {dir} && mkdir {dir} && truncate -s 64M {f}"));
+        sh(&format!("rm -rf {f} {dir} && mkdir {dir} && truncate -s 32M {f}"));
         let recovery = format!("--recovery={mode}");
         let mut args = vec!["loop", &f, "-q", queues, &recovery, "--zero-copy", zc];
         args.extend(more.split_whitespace());
@@ -107,7 +107,7 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
             // The dead daemon's counters stay readable until the next one starts: the kill
             // must have landed mid-run.
             let before = dev.stat("writes") - base;
-            assert!(before > 0 && before < 12_000, "killed after {before} of 16384 writes");
+            assert!(before > 0 && before < 6_000, "killed after {before} of 8192 writes");
             let want = if mode == "fail-io" { "FAIL_IO" } else { "QUIESCED" };
             wait_state(&dev, want, Duration::from_secs(20));
             recover(&dev);
@@ -116,8 +116,8 @@ fn kill_9_under_verified_write_load_then_recover_loses_nothing() {
             let (ok, errs, written) = fio_outcome(fio);
             // Reissue hides the crash from the writer.
             assert!(ok, "fio failed across a reissue crash: {errs}");
-            assert_eq!(written, 64 << 20);
-            let verified = verify_acknowledged(&dev.path, &dir, "64M");
+            assert_eq!(written, 32 << 20);
+            let verified = verify_acknowledged(&dev.path, &dir, "32M");
             assert!(verified > 0, "nothing was acknowledged before the crash");
             total += verified;
             println!(
