@@ -4,16 +4,31 @@
 # peers at qd1 and qd64. The report lists, per case, the share of samples by process and by
 # symbol (kernel and ublk-fast; release builds keep symbols).
 #   profile.sh OUT.md [SECONDS]
+# Environment: BACKING=ext4 profiles the loop cases only, on a fully written 1 GiB file of ext4
+#   on a brd ramdisk (bench/peers.sh's default backing, where ublk-fast loses to the kernel
+#   loop driver): reads and writes at qd1 and qd64, ublk-fast against the kernel loop driver.
 set -euo pipefail
 OUT=$1; S=${2:-4}
 B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
 P=$(command -v perf) || { echo "profile: no perf binary" >&2; exit 1; }
 W=$(mktemp -d /tmp/prof.XXXX)
-IMG=/tmp/prof-backing.img
+BACKING=${BACKING:-tmpfs}
+FS=/tmp/prof-fs
 modprobe ublk_drv; modprobe loop
+case $BACKING in
+  tmpfs) IMG=/tmp/prof-backing.img ;;
+  ext4) IMG=$FS/backing.img
+    modprobe brd rd_nr=1 rd_size=1310720
+    mkfs.ext4 -q -F /dev/ram0 && mkdir -p $FS && mount /dev/ram0 $FS ;;
+  *) echo "profile: BACKING=$BACKING: tmpfs or ext4" >&2; exit 2 ;;
+esac
 modprobe null_blk queue_mode=2 nr_devices=1 gb=1 irqmode=0 submit_queues="$(nproc)" hw_queue_depth=128
-dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none  # no sparse holes: tmpfs would zero pages
-cleanup() { set +e; "$B" del --all >/dev/null 2>&1; losetup -D; rmmod null_blk; rm -rf "$W" $IMG; }
+# No sparse holes (tmpfs would zero pages; ext4 would allocate on every write).
+dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none conv=fsync
+cleanup() {
+  set +e; "$B" del --all >/dev/null 2>&1; losetup -D; rmmod null_blk; rm -rf "$W" $IMG
+  [ "$BACKING" = ext4 ] && { umount $FS; rmdir $FS; rmmod brd; }
+}
 trap cleanup EXIT
 # case: name|device setup|fio rw|bs|qd
 CASES="uf-null qd1|uf null --size 1G --zero-copy on|randread|4k|1
@@ -23,8 +38,16 @@ null_blk qd1|nullb|randread|4k|1
 null_blk qd64|nullb|randread|4k|64
 uf-loop qd64|uf loop $IMG --zero-copy on|randwrite|4k|64
 kernel-loop qd64|kloop|randwrite|4k|64"
+if [ "$BACKING" = ext4 ]; then
+  CASES="uf-loop qd1|uf loop $IMG --zero-copy on|randwrite|4k|1
+kernel-loop qd1|kloop|randwrite|4k|1
+uf-loop qd64|uf loop $IMG --zero-copy on|randwrite|4k|64
+kernel-loop qd64|kloop|randwrite|4k|64
+uf-loop qd64|uf loop $IMG --zero-copy on|randread|4k|64
+kernel-loop qd64|kloop|randread|4k|64"
+fi
 {
-  echo "# Where the CPU goes: perf in the guest"
+  echo "# Where the CPU goes: perf in the guest (backing: $BACKING)"
   echo
   echo "Guest kernel $(uname -r), $(nproc) vCPUs, **qemu TCG software emulation** (every instruction costs"
   echo "about the same, so these shares show work done, not cache or pipeline effects). \`perf record -a -e"

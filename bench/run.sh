@@ -15,7 +15,8 @@
 #     not in CI): devices under verified writes while the service is killed and restarted,
 #     devices are handed over, re-added, a backing device flips to dm-flakey; nothing lost
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
-#     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop)
+#     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop;
+#     BACKING=ext4: the loop cases on a file of ext4 on brd -> <date>-profile-ext4.md)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
 #     ublk-fast null/loop vs kernel null_blk, kernel loop, kublk (bench/build-kublk.sh) and rublk (if installed:
 #     cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk).
@@ -48,7 +49,7 @@ case $which in
           bench/spread.sh "bench/results/$d-spread.md" "$RT" "$RUNS" ;;
   soak) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t $(( ${2:-1200} + 900 )) -r "$PWD/bench/results" -- \
           bench/soak.sh "bench/results/$d-soak.md" "${2:-1200}" ;;
-  profile) tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
-          bench/profile.sh "bench/results/$d-profile.md" "$RT" ;;
+  profile) UBLK_FAST_VM_ENV="BACKING" tools/vm/run.sh -t 1200 -r "$PWD/bench/results" -- \
+          bench/profile.sh "bench/results/$d-profile${BACKING:+-$BACKING}.md" "$RT" ;;
   *) echo "bench/run.sh: unknown benchmark $which (known: loop, metrics, peers, devices, nbd, latency, spread, soak, profile)" >&2; exit 2 ;;
 esac
