@@ -50,6 +50,9 @@ clean_up() {
   pkill -9 -x blkdiscard 2>/dev/null; pkill -9 -x dd 2>/dev/null
   sleep 1
   timeout 60 "$ublk" del --all >/dev/null 2>&1
+  # A udevd a test started and did not stop leaves its socket, by which dmsetup decides that
+  # udev runs: every later dmsetup would then wait forever for udev to confirm its events.
+  pgrep -x systemd-udevd >/dev/null || rm -f /run/udev/control
   for d in $(dmsetup ls 2>/dev/null | awk '/^ublk-fast-it/ {print $1}'); do
     timeout 10 dmsetup remove -f "$d" >/dev/null 2>&1
   done

@@ -14,7 +14,15 @@ const UDEVD: &str = "/lib/systemd/systemd-udevd";
 /// The real udevd, in a mount namespace of its own whose rules directories hold nothing but
 /// ublk-fast's rules (pointed at the binary under test): the nodes it changes are the
 /// system's, the rules it reads are only ours.
-struct Udevd(Child);
+struct Udevd {
+    child: Child,
+    /// Whether a udevd ran before ours: if not, its control socket must not outlive ours.
+    had_control: bool,
+}
+
+/// The file by which libudev (and so dmsetup) decides that udev runs: left behind, every later
+/// `dmsetup` waits forever for a udev that will never confirm its event.
+const UDEV_CONTROL: &str = "/run/udev/control";
 
 impl Udevd {
     fn start() -> Udevd {
@@ -29,26 +37,31 @@ impl Udevd {
             "set -e; for d in /etc/udev/rules.d /usr/lib/udev/rules.d /run/udev/rules.d; do \
              mkdir -p $d; mount -t tmpfs tmpfs $d; done; \
              cp /tmp/60-ublk-fast.rules /etc/udev/rules.d/; exec $0";
+        let had_control = std::path::Path::new(UDEV_CONTROL).exists();
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c", script, UDEVD])
             .stdin(Stdio::null())
             .spawn()
             .expect("start udevd");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::path::Path::new("/run/udev/control").exists() {
+        while !std::path::Path::new(UDEV_CONTROL).exists() {
             assert!(Instant::now() < deadline, "udevd did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
         sh("udevadm control --ping --timeout=10");
-        Udevd(child)
+        Udevd { child, had_control }
     }
 }
 
 impl Drop for Udevd {
     fn drop(&mut self) {
         let _ = sh_any("udevadm control --exit --timeout=10");
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !self.had_control {
+            // udevd leaves its socket behind when it exits.
+            let _ = std::fs::remove_file(UDEV_CONTROL);
+        }
     }
 }
 
