@@ -19,9 +19,9 @@ fn recover(dev: &Dev) {
     assert_eq!(stdout(&o).trim(), dev.path);
 }
 
-/// Starts fio writing 32 MiB of crc32c-stamped 4k blocks at a limited rate (so a crash or a
+/// Starts fio writing `size` of crc32c-stamped 4k blocks at a limited rate (so a crash or a
 /// hand-over lands mid-run), then verifying all of it.
-fn spawn_verified_writes(dev: &Dev, name: &str) -> std::process::Child {
+fn spawn_verified_writes(dev: &Dev, name: &str, size: &str) -> std::process::Child {
     spawn_fio(&[
         &format!("--name={name}"),
         &format!("--filename={}", dev.path),
@@ -30,12 +30,30 @@ fn spawn_verified_writes(dev: &Dev, name: &str) -> std::process::Child {
         "--rw=randwrite",
         "--bs=4k",
         "--iodepth=16",
-        "--size=32M",
+        &format!("--size={size}"),
         "--rate_iops=2000",
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
     ])
+}
+
+/// Under verified writes of `size`, `quiesce` hands the device over (its service lets it go)
+/// and `recover` takes it back: fio sees no error and verifies every byte.
+fn hand_over_under_writes(dev: &Dev, size: &str, what: &str) {
+    let pid = dev.info()["pid"].as_i64().unwrap();
+    let fio = spawn_verified_writes(dev, what, size);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
+    assert!(o.status.success(), "quiesce ({what}) failed: {}", stderr(&o));
+    let took = t.elapsed();
+    assert!(!daemons().contains(&(pid as i32)), "the old daemon still runs after quiesce");
+    wait_state(dev, "QUIESCED", Duration::from_secs(10));
+    recover(dev);
+    wait_state(dev, "LIVE", Duration::from_secs(5));
+    expect_clean_fio(fio, what);
+    println!("{what}: quiesce in {took:.1?}, then recover: {size} verified, 0 fio errors");
 }
 
 /// Waits for that fio: it must succeed with no errors.
@@ -414,66 +432,30 @@ fn quiesce_hands_the_device_to_a_new_daemon_under_verified_load() {
         assert_eq!(dev.info()["state"], "LIVE", "a refused quiesce changed the device");
         dev.del();
     }
-    {
-        sh(&format!("rm -f {f} && truncate -s 64M {f}"));
-        let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
-        let pid = dev.info()["pid"].as_i64().unwrap();
-        let fio = spawn_verified_writes(&dev, "upgrade");
-        std::thread::sleep(Duration::from_millis(1500));
-        let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
-        assert!(o.status.success(), "quiesce failed: {}", stderr(&o));
-        assert!(!daemons().contains(&(pid as i32)), "the old daemon still runs after quiesce");
-        wait_state(&dev, "QUIESCED", Duration::from_secs(10));
-        recover(&dev);
-        wait_state(&dev, "LIVE", Duration::from_secs(5));
-        expect_clean_fio(fio, "hand-over");
-        println!("quiesce + recover under load: 32 MiB verified, 0 fio errors");
-        dev.del();
-    }
-    {
-        // A request being served when the driver looks for fetches to abort re-arms its fetch
-        // on commit, and the driver never aborts that one by itself (it expects the server's
-        // ring to exit). With every 4th write held 300 ms by the backend, some always are.
-        sh(&format!("rm -f {f} && truncate -s 64M {f}"));
-        let dev = Dev::add(&[
-            "fault",
-            "--op",
-            "write",
-            "--every",
-            "4",
-            "--delay-ms",
-            "300",
-            "loop",
-            f,
-            "-q",
-            "2",
-            "--recovery=reissue",
-        ]);
-        let fio = spawn_fio(&[
-            "--name=held",
-            &format!("--filename={}", dev.path),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=4M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-        ]);
-        std::thread::sleep(Duration::from_millis(1500));
-        let t = Instant::now();
-        let o = ublk(&["quiesce", "-n", &dev.id.to_string()]);
-        assert!(o.status.success(), "quiesce with writes being served failed: {}", stderr(&o));
-        println!("quiesce with writes held in the backend: {:.1?}", t.elapsed());
-        wait_state(&dev, "QUIESCED", Duration::from_secs(10));
-        recover(&dev);
-        wait_state(&dev, "LIVE", Duration::from_secs(5));
-        expect_clean_fio(fio, "hand-over with writes being served");
-        println!("quiesce + recover with writes being served: 4 MiB verified, 0 fio errors");
-        dev.del();
-    }
+    sh(&format!("rm -f {f} && truncate -s 64M {f}"));
+    let dev = Dev::add(&["loop", f, "-q", "2", "--recovery=reissue"]);
+    hand_over_under_writes(&dev, "32M", "hand-over under load");
+    dev.del();
+    // A request being served when the driver looks for fetches to abort re-arms its fetch on
+    // commit, and in the driver's code nothing but a ring exit aborts that one. With every 4th
+    // write held 300 ms by the backend, some always are being served.
+    sh(&format!("rm -f {f} && truncate -s 64M {f}"));
+    let dev = Dev::add(&[
+        "fault",
+        "--op",
+        "write",
+        "--every",
+        "4",
+        "--delay-ms",
+        "300",
+        "loop",
+        f,
+        "-q",
+        "2",
+        "--recovery=reissue",
+    ]);
+    hand_over_under_writes(&dev, "4M", "hand-over with writes being served");
+    dev.del();
     // A device without --recovery cannot be quiesced.
     let plain = Dev::add(&["null", "--size", "16M"]);
     check_refused(&format!("{} quiesce -n {}", bin(), plain.id), "cannot be quiesced");
