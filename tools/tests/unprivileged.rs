@@ -230,9 +230,45 @@ fn two_users_each_serve_their_own_device_and_cannot_touch_the_other() {
     let l = ublk(&["list", "-n", &id.to_string()]);
     assert!(l.status.success(), "root's list: {}", stderr(&l));
 
-    // Alice deletes it; her service, idle, goes.
+    // `del --safe` (TRY_STOP_DEV, which the driver allows a device's owner): refused while
+    // she holds the device open, then her device goes with it once idle.
+    let safe = offers("SAFE_STOP_DEV");
+    if safe {
+        let mut holder = Command::new("setpriv")
+            .args([
+                &format!("--reuid={}", alice.name),
+                &format!("--regid={}", alice.name),
+                "--init-groups",
+                "--reset-env",
+                "sh",
+                "-c",
+                &format!("exec 3<{dev}; echo open; exec sleep 60"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("alice's holder");
+        let mut line = String::new();
+        let out = holder.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+        assert_eq!(line.trim(), "open", "alice's holder did not open {dev}");
+        let o = alice.ublk(&format!("del --safe -n {id}"));
+        let err = stderr(&o);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(!o.status.success(), "alice's del --safe of an open device succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("is open"), "{err}");
+        println!("alice's del --safe while open: {}", err.trim_end());
+        let o = alice.sh(&format!("cmp -n 4194304 /tmp/ublkalice.pat {dev}"));
+        assert!(o.status.success(), "alice's device after a refused del --safe: {}", stderr(&o));
+    } else {
+        skip("this ublk driver does not offer SAFE_STOP_DEV: alice's del --safe untried");
+    }
+
+    // Alice deletes it (safely where the driver can); her service, idle, goes.
     let pid = std::fs::read_to_string(format!("{records}/service.lock")).unwrap_or_default();
-    let o = alice.ublk(&format!("del -n {id}"));
+    let o = alice.ublk(&format!("del {}-n {id}", if safe { "--safe " } else { "" }));
     assert!(o.status.success(), "alice's del: {}", stderr(&o));
     assert!(wait_gone(&cdev), "{cdev} still there after del");
     let pid: i32 = pid.trim().parse().unwrap_or(0);
