@@ -64,6 +64,7 @@ impl Book for Reqs {
             len: r.len,
             // SAFETY: the buffer is GUARD + len + GUARD bytes.
             buf: unsafe { self.bufs[usize::from(tag)].as_ptr().add(GUARD) as *mut u8 },
+            fixed: None,
             ok: if r.read { r.len as i32 } else { 0 },
         })
     }
@@ -102,7 +103,7 @@ fn feed(rx: &mut Rx, book: &mut Reqs, stream: &[u8], steps: &[usize]) -> Result<
                 rx.filled(n);
                 at += n;
             }
-            Next::Direct { at: p, len } => {
+            Next::Direct { at: p, len, .. } => {
                 assert!(len > 0 && book.inside(p, len), "Direct {len} bytes outside the request");
                 let n = step.min(len).min(stream.len() - at);
                 // SAFETY: checked just above to lie inside a request's buffer.
@@ -225,7 +226,7 @@ fn render(p: &Piece, reqs: &[Option<Req>], out: &mut Vec<u8>) {
 fn check(reqs: Vec<Option<Req>>, stream: &[u8], steps: &[usize]) -> Result<(), TestCaseError> {
     let awaiting: Vec<bool> = reqs.iter().map(Option::is_some).collect();
     let mut book = Reqs::new(reqs);
-    let mut rx = Rx::new(DEPTH);
+    let mut rx = Rx::new(DEPTH, false);
     if let Err(e) = feed(&mut rx, &mut book, stream, steps) {
         prop_assert!(!e.is_empty() && !e.contains(['\n', '\r']), "error not one line: {:?}", e);
     }
@@ -258,7 +259,7 @@ fn offsets_that_wrap_are_refused() {
     {
         let s = chunk(wire::REPLY_FLAG_DONE, kind, 0x7_0000, body.len() as u32, &body);
         let mut book = Reqs::new(vec![Some(read), None, None, None]);
-        let mut rx = Rx::new(DEPTH);
+        let mut rx = Rx::new(DEPTH, false);
         let e = feed(&mut rx, &mut book, &s, &[1 << 20]).expect_err("a wrapped offset accepted");
         assert!(e.contains("outside the read"), "{e}");
         assert!(book.replies.is_empty() && book.bufs[0].iter().all(|&x| x == FILL));

@@ -88,10 +88,11 @@ fn stripe_target(
     Ok(Arc::new(t))
 }
 
-fn nbd_target(a: &NbdArgs) -> Result<Arc<dyn Target>, CliError> {
+fn nbd_target(a: &NbdArgs, zero_copy: bool) -> Result<Arc<dyn Target>, CliError> {
     let opts = NbdOptions {
         connections: a.connections,
         reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+        zero_copy,
         ..NbdOptions::default()
     };
     let t = NbdTarget::connect(&a.uri, &opts).map_err(|e| CliError::usage(e.to_string()))?;
@@ -131,12 +132,14 @@ pub fn precheck(t: &TargetCmd, cwd: &Path) -> Result<Option<Arc<dyn Target>>, Cl
             .map_err(|e| CliError::usage(e.to_string()))?;
         return Ok(None);
     }
-    target(t, cwd).map(Some)
+    // `nbd`, the only target that looks at zero copy, returned above.
+    target(t, cwd, false).map(Some)
 }
 
-/// Builds (opens) the target; relative paths are taken from `cwd`.
-pub fn target(t: &TargetCmd, cwd: &Path) -> Result<Arc<dyn Target>, CliError> {
-    target_with(t, cwd, Vec::new())
+/// Builds (opens) the target; relative paths are taken from `cwd`. `zero_copy`: the device
+/// asks for zero copy (`--zero-copy on`), which `nbd` serves only when asked.
+pub fn target(t: &TargetCmd, cwd: &Path, zero_copy: bool) -> Result<Arc<dyn Target>, CliError> {
+    target_with(t, cwd, Vec::new(), zero_copy)
 }
 
 /// Builds the target from files already opened for it (in `Target::files` order, as the CLI
@@ -145,13 +148,14 @@ pub fn target_with(
     t: &TargetCmd,
     cwd: &Path,
     given: Vec<std::fs::File>,
+    zero_copy: bool,
 ) -> Result<Arc<dyn Target>, CliError> {
     let mut given: Vec<std::fs::File> = given.into_iter().rev().collect();
     match t {
         TargetCmd::Null(a) => null_target(a),
         TargetCmd::Loop(a) => loop_target(a, cwd, &mut given),
         TargetCmd::Fault(f) => fault_target(f, cwd, &mut given),
-        TargetCmd::Nbd(a) => nbd_target(a),
+        TargetCmd::Nbd(a) => nbd_target(a, zero_copy),
         TargetCmd::Stripe(a) => stripe_target(a, cwd, &mut given),
     }
 }

@@ -231,6 +231,11 @@ pub struct AddOpts {
 }
 
 impl AddOpts {
+    /// `--zero-copy on` (or `-z`): asked for, not merely allowed.
+    pub fn zero_copy_on(&self) -> bool {
+        self.zero_copy == Some(ZeroCopyArg::On)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.cpus.is_none()
             && self.queues.is_none()

@@ -228,7 +228,7 @@ impl Node {
     ) -> Result<Response, CliError> {
         let (opts, target_cmd) = parse_device_argv(&argv).map_err(CliError::usage)?;
         let cfg = build::device_config(&opts, &self.opts.cpus)?;
-        let target = build::target_with(&target_cmd, cwd, files)?;
+        let target = build::target_with(&target_cmd, cwd, files, opts.zero_copy_on())?;
         // The record is written as soon as the kernel knows the device (not once it serves):
         // a crash in between then leaves a device the next service finds and deals with
         // (takes over with --recovery, deletes without), never an unrecorded one.
@@ -476,7 +476,8 @@ impl Node {
             build::device_config(&any, &self.opts.cpus).map_err(|e| bad(e.msg))
         })?;
         let cwd = PathBuf::from(&rec.cwd);
-        let target = build::target(&target_cmd, &cwd).map_err(|e| bad(e.msg))?;
+        let target =
+            build::target(&target_cmd, &cwd, opts.zero_copy_on()).map_err(|e| bad(e.msg))?;
         let dev = Device::recover(&cfg, Arc::clone(&target), id, &self.pool)
             .map_err(|e| CliError::runtime(e.to_string()))?;
         self.serve(dev, target, rec.argv, &cwd);

@@ -191,6 +191,87 @@ fn nbdkit_over_tcp_and_unix_every_byte_right() {
     }
 }
 
+/// Zero copy (`--zero-copy on`): write data leaves from the request's own pages (WRITE_FIXED on
+/// the socket) and read data lands in them (READ_FIXED), over TCP and a Unix socket, and
+/// across a server restart, where the held requests are sent again from their fixed buffers.
+#[test]
+#[ignore = "needs the ublk driver: run through tools/test.sh"]
+fn zero_copy_moves_data_from_and_into_the_requests_pages() {
+    require_driver();
+    if !offers("AUTO_BUF_REG") {
+        skip("this ublk driver does not offer AUTO_BUF_REG: nbd zero copy untried");
+        return;
+    }
+    let file = image("zc", 64);
+    sh(&format!("dd if=/dev/urandom of={file} bs=1M count=64 conv=notrunc status=none"));
+    let sock = "/tmp/ublk-fast-nbdkit-zc.sock";
+    for transport in ["tcp", "unix"] {
+        let (server, uri) = match transport {
+            "tcp" => (nbdkit_file_tcp(&file, 10904), "nbd://127.0.0.1:10904/disk".to_string()),
+            _ => (nbdkit_file_unix(&file, sock), format!("nbd+unix:///disk?socket={sock}")),
+        };
+        let Some(server) = server else { return };
+        let dev = Dev::add(&["nbd", &uri, "--zero-copy", "on"]);
+        assert!(uses_zero_copy(&dev), "{transport}: not in zero copy: {}", dev.info());
+        assert_eq!(sha256(&dev.path, 64 << 20), sha256(&file, 64 << 20), "{transport}: first read");
+        let ios = fio_verify(&dev.path, "16M");
+        let seen = sha256(&dev.path, 64 << 20);
+        dev.del();
+        drop(server);
+        assert_eq!(seen, sha256(&file, 64 << 20), "{transport}: the server's file after del");
+        println!("zero copy, {transport}: fio verify {ios} I/Os; device == backing file (64 MiB)");
+    }
+    // A restart mid-fio: what was in flight is sent again from the requests' pages.
+    let Some(mut server) = nbdkit_file_tcp(&file, 10904) else { return };
+    let dev = Dev::add(&["nbd", "nbd://127.0.0.1:10904/disk", "--zero-copy", "on"]);
+    let fio = spawn_fio(&[
+        "--name=zc-restart",
+        &format!("--filename={}", dev.path),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bsrange=4k-16k",
+        "--iodepth=16",
+        "--size=48M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+    ]);
+    // Kill it once fio is well into its writes (its start-up alone takes seconds here).
+    let stat = format!("/sys/block/{}/stat", dev.path.trim_start_matches("/dev/"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let writes = || -> u64 {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        s.split_whitespace().nth(4).and_then(|w| w.parse().ok()).unwrap_or(0)
+    };
+    while writes() < 500 {
+        assert!(Instant::now() < deadline, "fio did not get going in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    server.spawn();
+    let out = fio.wait_with_output().expect("fio");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "fio failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (ios, errs) = fio_totals(&fio_report(&text).expect("fio JSON"));
+    assert_eq!(errs, 0, "fio saw errors across the restart");
+    let stats = &dev.info()["stats"];
+    let reconnects = stats["backend_reconnects"].as_u64().unwrap_or(0);
+    let resent = stats["backend_resent"].as_u64().unwrap_or(0);
+    assert!(reconnects >= 1, "the restart went unnoticed ({ios} I/Os)");
+    // Writes were in flight when the server died (fio still ran): they went out again.
+    assert!(resent >= 1, "nothing was sent again: fio ended before the kill? ({ios} I/Os)");
+    let seen = sha256(&dev.path, 64 << 20);
+    dev.del();
+    drop(server);
+    assert_eq!(seen, sha256(&file, 64 << 20), "device and server file differ after the restart");
+    println!(
+        "zero copy, restart: fio {ios} I/Os, 0 errors, verify passed; {reconnects} reconnect(s), {resent} resent"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
 #[test]
 #[ignore = "needs the ublk driver: run through tools/test.sh"]
 fn qemu_nbd_serves_a_qcow2_volume() {

@@ -31,6 +31,9 @@ pub struct NbdOptions {
     pub reconnect_timeout: Duration,
     /// Bounds the first connection and handshake.
     pub connect_timeout: Duration,
+    /// Zero copy (`--zero-copy on`): socket I/O from and into the requests' own pages. Simple
+    /// replies are asked for then (see `rx`).
+    pub zero_copy: bool,
 }
 
 impl Default for NbdOptions {
@@ -39,6 +42,7 @@ impl Default for NbdOptions {
             connections: None,
             reconnect_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            zero_copy: false,
         }
     }
 }
@@ -59,9 +63,6 @@ pub struct NbdTarget {
     logical_block: u32,
 }
 
-/// Structured replies: asked for always (the server decides).
-const STRUCTURED: bool = true;
-
 impl NbdTarget {
     /// Connects to the server and negotiates the export: every problem (a bad URI, no
     /// server, no such export, an empty or odd-sized export) is a one-line error here, before
@@ -72,7 +73,9 @@ impl NbdTarget {
             return Err(Error::invalid("--connections 0: give 1 or more"));
         }
         let addr = uri.addr.resolve()?;
-        let (sock, info) = handshake::connect_blocking(&uri, opts.connect_timeout, STRUCTURED)?;
+        // Structured replies are asked for (the server decides), except in zero copy.
+        let structured = !opts.zero_copy;
+        let (sock, info) = handshake::connect_blocking(&uri, opts.connect_timeout, structured)?;
         // The device's block size: the server's minimum, within what a block device can be.
         let logical_block = info.min_block.clamp(512, 4096).next_power_of_two();
         if !info.size.is_multiple_of(u64::from(logical_block)) {
@@ -158,6 +161,12 @@ impl Target for NbdTarget {
         }
     }
 
+    /// Only when asked for: a 4k read then costs a receive of its header and a READ_FIXED of
+    /// its data, where copy mode's one receive brings many replies.
+    fn supports_zero_copy(&self) -> bool {
+        self.opts.zero_copy
+    }
+
     fn max_io_bytes(&self) -> Option<u32> {
         // The largest power of two the server takes in one request.
         let m = self.shared.info.max_block;
@@ -187,6 +196,6 @@ impl Target for NbdTarget {
                 s
             }
         };
-        Ok(Box::new(queue::NbdQueue::new(self.shared.clone(), q, depth, sock)))
+        Ok(Box::new(queue::NbdQueue::new(self.shared.clone(), q, depth, sock, self.opts.zero_copy)))
     }
 }

@@ -1,7 +1,12 @@
 //! One queue's NBD connection, served on the queue's own ring: requests are held by the
 //! handler ([`Flow::Held`]) from the moment they are queued for sending until their reply
-//! arrives. One send and one receive are in flight at a time; sends are gathered (headers
-//! and write data in one SENDMSG), so the stream is never interleaved.
+//! arrives. One send (or send chain) and one receive are in flight at a time; sends are
+//! gathered (headers and write data in one SENDMSG), so the stream is never interleaved.
+//!
+//! Zero copy: the requests' pages are fixed buffers of the ring, which only ring operations
+//! can reach. A write's data goes out with WRITE_FIXED on the socket, linked behind a WRITEV
+//! of the headers before it (a short one fails the link, and the rest is sent again from
+//! where the stream stopped); a read's data comes in with READ_FIXED (see `rx`).
 //!
 //! When the connection drops, every request not yet answered is kept; the handler reconnects
 //! on the ring (CONNECT and the handshake as ring operations, each bounded by a linked
@@ -43,8 +48,19 @@ const OWN: u16 = u16::MAX;
 /// How long a clean end waits for the server's answer to its FLUSH.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most iovecs one SENDMSG gathers (a header and maybe data per request).
+/// Most iovecs one send chain gathers (a header and maybe data per request).
 const MAX_IOV: usize = 64;
+/// Most operations one send chain links: SENDMSGs, and zero copy's WRITE_FIXEDs between them.
+const MAX_TX_OPS: usize = 8;
+
+/// One operation of a send chain.
+#[derive(Clone, Copy)]
+enum TxOp {
+    /// SENDMSG (alone) or WRITEV (in a chain) of a run of iovecs.
+    Msg,
+    /// WRITE_FIXED of `len` bytes at offset `at` of the fixed buffer `idx`.
+    Fixed { at: usize, len: usize, idx: u16 },
+}
 /// Bounds each connect and handshake step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -102,7 +118,8 @@ pub struct NbdQueue {
     txq: std::collections::VecDeque<u16>,
     /// Bytes of the head of `txq` already sent.
     tx_off: usize,
-    tx_busy: bool,
+    /// Operations of the send chain in flight.
+    tx_ops: usize,
     iov: Box<[libc::iovec; MAX_IOV]>,
     msg: Box<libc::msghdr>,
     rx: Rx,
@@ -142,7 +159,14 @@ pub struct NbdQueue {
 }
 
 impl NbdQueue {
-    pub fn new(shared: Arc<Shared>, q: u16, depth: u16, sock: OwnedFd) -> NbdQueue {
+    /// `zero_copy`: requests carry their pages as fixed buffers (`Request::buf_index`).
+    pub fn new(
+        shared: Arc<Shared>,
+        q: u16,
+        depth: u16,
+        sock: OwnedFd,
+        zero_copy: bool,
+    ) -> NbdQueue {
         let blank = Slot {
             req: Request {
                 tag: 0,
@@ -171,10 +195,10 @@ impl NbdQueue {
             slots: vec![blank; usize::from(depth)].into_boxed_slice(),
             txq: std::collections::VecDeque::with_capacity(usize::from(depth)),
             tx_off: 0,
-            tx_busy: false,
+            tx_ops: 0,
             iov: Box::new([iov0; MAX_IOV]),
             msg: Box::new(msg),
-            rx: Rx::new(depth),
+            rx: Rx::new(depth, zero_copy),
             rx_busy: false,
             sock: Some(sock),
             conn: Conn::Up,
@@ -243,47 +267,99 @@ impl NbdQueue {
         })
     }
 
-    /// Gives the head of the send queue to the socket: one SENDMSG of as many whole requests
-    /// (header, then data) as fit.
+    /// Gives the head of the send queue to the socket: one SENDMSG of as many requests
+    /// (header, then data) as fit; zero copy, a chain of WRITEVs (headers) and WRITE_FIXEDs
+    /// (each write's data), linked so they go out in order.
     fn kick_tx(&mut self, io: &mut dyn Submit) {
-        if self.tx_busy || self.conn != Conn::Up || self.txq.is_empty() || self.stopped() {
+        if self.tx_ops > 0 || self.conn != Conn::Up || self.txq.is_empty() || self.stopped() {
             return;
         }
+        let mut ops = [TxOp::Msg; MAX_TX_OPS];
+        let mut nops = 0;
+        // iovecs `msg_start..n` belong to the gathering operation not yet closed.
         let mut n = 0;
+        let mut msg_start = 0;
+        let mut msg_iov = [(0usize, 0usize); MAX_TX_OPS];
         let mut skip = self.tx_off;
-        for &tag in self.txq.iter() {
-            if n + 2 > MAX_IOV {
-                break;
-            }
-            let (hdr, data, buf) = if tag == OWN {
-                (self.own_hdr.as_ptr(), 0, std::ptr::null_mut())
+        'gather: for &tag in self.txq.iter() {
+            let (hdr, data, buf, fixed) = if tag == OWN {
+                (self.own_hdr.as_ptr(), 0, std::ptr::null_mut(), None)
             } else {
                 let s = &self.slots[usize::from(tag)];
-                (s.hdr.as_ptr(), s.data, s.req.buf)
+                (s.hdr.as_ptr(), s.data as usize, s.req.buf, s.req.buf_index)
             };
-            let mut add = |base: *const u8, len: usize| {
+            for (part, len) in [(0, wire::REQUEST_LEN), (1, data)] {
+                if len == 0 {
+                    continue;
+                }
                 if skip >= len {
                     skip -= len;
-                    return;
+                    continue;
                 }
-                self.iov[n] = libc::iovec {
-                    iov_base: base.wrapping_add(skip) as *mut libc::c_void,
-                    iov_len: len - skip,
-                };
+                let (from, left) = (skip, len - skip);
+                match (part, fixed) {
+                    (1, Some(idx)) => {
+                        let open = usize::from(n > msg_start);
+                        if nops + open + 1 > MAX_TX_OPS {
+                            break 'gather;
+                        }
+                        if open == 1 {
+                            msg_iov[nops] = (msg_start, n - msg_start);
+                            ops[nops] = TxOp::Msg;
+                            nops += 1;
+                            msg_start = n;
+                        }
+                        ops[nops] = TxOp::Fixed { at: from, len: left, idx };
+                        nops += 1;
+                    }
+                    _ => {
+                        // A new gathering operation needs a place in the chain.
+                        if n == MAX_IOV || (n == msg_start && nops == MAX_TX_OPS) {
+                            break 'gather;
+                        }
+                        let base = if part == 0 { hdr } else { buf as *const u8 };
+                        self.iov[n] = libc::iovec {
+                            iov_base: base.wrapping_add(from) as *mut libc::c_void,
+                            iov_len: left,
+                        };
+                        n += 1;
+                    }
+                }
                 skip = 0;
-                n += 1;
-            };
-            add(hdr, wire::REQUEST_LEN);
-            if data > 0 {
-                add(buf, data as usize);
             }
         }
-        self.msg.msg_iov = self.iov.as_mut_ptr();
-        self.msg.msg_iovlen = n as _;
-        let sqe =
-            opcode::SendMsg::new(self.fd(), &*self.msg).flags(libc::MSG_NOSIGNAL as u32).build();
-        self.tx_busy = true;
-        self.push(io, sub::SEND, sqe);
+        if n > msg_start {
+            msg_iov[nops] = (msg_start, n - msg_start);
+            ops[nops] = TxOp::Msg;
+            nops += 1;
+        }
+        let fd = self.fd();
+        for (i, op) in ops[..nops].iter().enumerate() {
+            let sqe = match *op {
+                // Alone (always so in copy mode): a SENDMSG, whose short send we resume.
+                TxOp::Msg if nops == 1 => {
+                    let (at, len) = msg_iov[i];
+                    self.msg.msg_iov = self.iov[at..].as_mut_ptr();
+                    self.msg.msg_iovlen = len as _;
+                    opcode::SendMsg::new(fd, &*self.msg).flags(libc::MSG_NOSIGNAL as u32).build()
+                }
+                // In a chain: WRITEV, because a short one fails the link, where a short
+                // SENDMSG succeeds and the next operation would send past a gap in the stream.
+                // (SENDMSG with MSG_WAITALL was tried: on 7.3, against qemu-nbd, the stream
+                // came out misframed: the server read data where a header belonged.)
+                TxOp::Msg => {
+                    let (at, len) = msg_iov[i];
+                    opcode::Writev::new(fd, self.iov[at..].as_ptr(), len as u32).build()
+                }
+                // Zero copy: the fixed buffer is addressed from 0, so the offset is the address.
+                TxOp::Fixed { at, len, idx } => {
+                    opcode::WriteFixed::new(fd, at as *const u8, len as u32, idx).build()
+                }
+            };
+            let sqe = if i + 1 < nops { sqe.flags(squeue::Flags::IO_LINK) } else { sqe };
+            self.tx_ops += 1;
+            self.push(io, sub::SEND, sqe);
+        }
     }
 
     /// `n` bytes of the send queue went out.
@@ -336,14 +412,21 @@ impl NbdQueue {
             Ok(n) => n,
             Err(e) => return self.lose(io, &format!("protocol error: {e}")),
         };
-        let (at, len, flags, which) = match next {
+        let (sqe, which) = match next {
             Next::Staging => {
                 let (p, len) = self.rx.space();
-                (p, len, 0, sub::RECV)
+                (opcode::Recv::new(self.fd(), p, len as u32).build(), sub::RECV)
             }
-            Next::Direct { at, len } => (at, len, libc::MSG_WAITALL, sub::RECV_DIRECT),
+            Next::Direct { at, len, fixed: None } => (
+                opcode::Recv::new(self.fd(), at, len as u32).flags(libc::MSG_WAITALL).build(),
+                sub::RECV_DIRECT,
+            ),
+            // Zero copy: a read of the socket into the request's pages (a read has no
+            // MSG_WAITALL: a short one is resumed).
+            Next::Direct { at, len, fixed: Some(idx) } => {
+                (opcode::ReadFixed::new(self.fd(), at, len as u32, idx).build(), sub::RECV_DIRECT)
+            }
         };
-        let sqe = opcode::Recv::new(self.fd(), at, len as u32).flags(flags).build();
         self.rx_busy = true;
         self.push(io, which, sqe);
     }
@@ -385,7 +468,7 @@ impl NbdQueue {
     /// Once nothing is in flight on the lost socket: close it, requeue what was not answered
     /// in its original order, and start reconnecting.
     fn maybe_closed(&mut self, io: &mut dyn Submit) {
-        if self.conn != Conn::Closing || self.tx_busy || self.rx_busy {
+        if self.conn != Conn::Closing || self.tx_ops > 0 || self.rx_busy {
             return;
         }
         self.resend = self.slots.iter().filter(|s| s.phase == Phase::Sent).count()
@@ -678,6 +761,7 @@ impl Book for Answers<'_> {
                 offset: 0,
                 len: 0,
                 buf: std::ptr::null_mut(),
+                fixed: None,
                 ok: 0,
             });
         }
@@ -687,7 +771,8 @@ impl Book for Answers<'_> {
             read: s.req.desc.op() == UBLK_IO_OP_READ,
             offset: s.req.offset(),
             len: s.req.bytes() as u32,
-            buf: s.req.buf,
+            buf: if s.req.buf_index.is_some() { std::ptr::null_mut() } else { s.req.buf },
+            fixed: s.req.buf_index,
             ok: s.ok,
         })
     }
@@ -750,14 +835,20 @@ impl QueueHandler for NbdQueue {
     ) {
         match which {
             sub::SEND => {
-                self.tx_busy = false;
+                self.tx_ops -= 1;
                 if self.conn != Conn::Up {
                     return self.maybe_closed(io);
                 }
-                if res <= 0 {
+                if res == -libc::ECANCELED {
+                    // An earlier operation of its chain was short: the rest goes out again.
+                } else if res <= 0 {
                     return self.lose(io, &failure(res, "the send made no progress"));
+                } else {
+                    self.sent(res as usize);
                 }
-                self.sent(res as usize);
+                if self.tx_ops > 0 {
+                    return;
+                }
                 if self.drain == Drain::Disc && self.txq.is_empty() {
                     return self.shut(io);
                 }

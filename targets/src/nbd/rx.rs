@@ -5,6 +5,12 @@
 //! Read data lands in the tag's buffer: what arrived with the headers is copied out of the
 //! staging buffer; a large remainder is received straight into the tag's buffer
 //! ([`Next::Direct`]), so big reads are not copied twice.
+//!
+//! Zero copy (`exact`): the request's pages are a fixed buffer of the ring, which no code of
+//! ours can write to. So every byte of read data is received straight into it, and receives
+//! into the staging buffer stop where the header (or chunk field) being parsed ends. Only
+//! simple replies are asked for then: a structured hole would have to be zeroed in pages we
+//! cannot touch.
 
 use std::fmt;
 
@@ -26,8 +32,10 @@ pub struct Awaiting {
     /// The request's device offset and length (reads: where data chunks may land).
     pub offset: u64,
     pub len: u32,
-    /// The tag's buffer (`len` bytes at least).
+    /// The tag's buffer (`len` bytes at least); zero copy: null, the base of `fixed`.
     pub buf: *mut u8,
+    /// Zero copy: the ring's fixed buffer that holds the request's pages (addressed from 0).
+    pub fixed: Option<u16>,
     /// The result a success commits (bytes for reads and writes, 0 for the others).
     pub ok: i32,
 }
@@ -45,8 +53,9 @@ pub trait Book {
 pub enum Next {
     /// More bytes into the staging buffer: [`Rx::space`], then [`Rx::filled`].
     Staging,
-    /// `len` bytes straight into a request's buffer at `at`, then [`Rx::direct_done`].
-    Direct { at: *mut u8, len: usize },
+    /// `len` bytes straight into a request's buffer at `at` (zero copy: at that offset of the
+    /// ring's fixed buffer `fixed`), then [`Rx::direct_done`].
+    Direct { at: *mut u8, len: usize, fixed: Option<u16> },
 }
 
 /// The server broke the protocol: the connection cannot be trusted any more.
@@ -82,11 +91,14 @@ pub struct Rx {
     errors: Box<[i32]>,
     /// Requests of the reply being parsed (structured: the chunks name it again each time).
     current: Option<Awaiting>,
+    /// Zero copy: never receive past the end of what is being parsed (module comment).
+    exact: bool,
 }
 
 impl Rx {
-    pub fn new(depth: u16) -> Rx {
+    pub fn new(depth: u16, exact: bool) -> Rx {
         Rx {
+            exact,
             buf: vec![0u8; STAGING].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -117,7 +129,31 @@ impl Rx {
             self.start = 0;
         }
         let free = self.buf.len() - self.end;
-        (self.buf[self.end..].as_mut_ptr(), free)
+        let len = if self.exact { free.min(self.needed()) } else { free };
+        (self.buf[self.end..].as_mut_ptr(), len)
+    }
+
+    /// Exact mode: how many more bytes end the header, chunk field or body being parsed (at
+    /// least 1). Read data is never staged then.
+    fn needed(&self) -> usize {
+        let avail = self.avail();
+        let want = match self.state {
+            State::Header => {
+                let b = &self.buf[self.start..self.end];
+                let chunk = b.len() >= 4
+                    && u32::from_be_bytes([b[0], b[1], b[2], b[3]]) == wire::STRUCTURED_REPLY_MAGIC;
+                if chunk {
+                    wire::CHUNK_HEADER_LEN
+                } else {
+                    wire::SIMPLE_REPLY_LEN
+                }
+            }
+            State::DataOffset { .. } => 8,
+            State::Body { len, .. } => len,
+            State::Skip { left, .. } => left,
+            State::Data { .. } => 0,
+        };
+        want.saturating_sub(avail).max(1)
     }
 
     /// `n` bytes arrived where [`Rx::space`] pointed.
@@ -155,6 +191,12 @@ impl Rx {
                 }
                 State::Data { tag, dst, left, finish } => {
                     let n = left.min(self.avail());
+                    if n > 0 && self.exact {
+                        // Receives stop at each header's end: this cannot happen.
+                        return Err(ProtocolError(
+                            "read data in the staging buffer in zero-copy mode".into(),
+                        ));
+                    }
                     if n > 0 {
                         let a = self.current.filter(|a| a.tag == tag);
                         if let Some(a) = a {
@@ -178,11 +220,12 @@ impl Rx {
                     }
                     self.state = State::Data { tag, dst: dst + n, left: left - n, finish };
                     let left = left - n;
-                    if left >= DIRECT_MIN {
+                    if left >= DIRECT_MIN || self.exact {
                         if let Some(a) = self.current.filter(|a| a.tag == tag) {
-                            // SAFETY: in bounds (as above); only an address is formed here.
-                            let at = unsafe { a.buf.add(dst + n) };
-                            return Ok(Next::Direct { at, len: left });
+                            // In bounds (as above); only an address (zero copy: an offset from
+                            // the null base of the fixed buffer) is formed here.
+                            let at = a.buf.wrapping_add(dst + n);
+                            return Ok(Next::Direct { at, len: left, fixed: a.fixed });
                         }
                     }
                     return Ok(Next::Staging);
@@ -267,6 +310,11 @@ impl Rx {
                     self.current = None;
                     book.reply(a.tag, a.ok);
                 }
+            }
+            ReplyHeader::Chunk { .. } if self.exact => {
+                return Err(ProtocolError(
+                    "a structured reply, which zero-copy mode did not ask for".into(),
+                ));
             }
             ReplyHeader::Chunk { flags, kind, length, .. } => {
                 let len = length as usize;
@@ -385,11 +433,18 @@ mod tests {
         bufs: Vec<Vec<u8>>,
         live: Vec<Option<(u64, bool, u64)>>,
         replies: Vec<(u16, i32)>,
+        /// Zero copy: tag i's buffer is "fixed buffer" i, reached only through Direct.
+        fixed: bool,
     }
 
     impl Reqs {
         fn new() -> Reqs {
-            Reqs { bufs: vec![vec![0xee; 64 << 10]; 4], live: vec![None; 4], replies: vec![] }
+            Reqs {
+                bufs: vec![vec![0xee; 64 << 10]; 4],
+                live: vec![None; 4],
+                replies: vec![],
+                fixed: false,
+            }
         }
     }
 
@@ -402,7 +457,12 @@ mod tests {
                 read,
                 offset,
                 len: 64 << 10,
-                buf: self.bufs[usize::from(tag)].as_ptr() as *mut u8,
+                buf: if self.fixed {
+                    std::ptr::null_mut()
+                } else {
+                    self.bufs[usize::from(tag)].as_ptr() as *mut u8
+                },
+                fixed: self.fixed.then_some(tag),
                 ok: if read { 64 << 10 } else { 0 },
             })
         }
@@ -437,13 +497,22 @@ mod tests {
             match next {
                 Next::Staging => {
                     let (p, free) = rx.space();
+                    // Zero copy: no receive may run past a header into read data.
+                    assert!(!book.fixed || free <= wire::CHUNK_HEADER_LEN, "staged {free}");
                     let n = step.min(free).min(stream.len() - at);
                     // SAFETY: test: `p` has `free` bytes.
                     unsafe { std::ptr::copy_nonoverlapping(stream[at..].as_ptr(), p, n) };
                     rx.filled(n);
                     at += n;
                 }
-                Next::Direct { at: p, len } => {
+                Next::Direct { at: off, len, fixed: Some(i) } => {
+                    let n = step.min(len).min(stream.len() - at);
+                    let dst = &mut book.bufs[usize::from(i)][off as usize..off as usize + n];
+                    dst.copy_from_slice(&stream[at..at + n]);
+                    rx.direct_done(book, n);
+                    at += n;
+                }
+                Next::Direct { at: p, len, fixed: None } => {
                     let n = step.min(len).min(stream.len() - at);
                     // SAFETY: test: `p` has `len` bytes.
                     unsafe { std::ptr::copy_nonoverlapping(stream[at..].as_ptr(), p, n) };
@@ -468,11 +537,41 @@ mod tests {
             s.extend(simple(0, 0x3_0002));
             s.extend(&data);
             s.extend(simple(5, 0x1_0000));
-            let mut rx = Rx::new(4);
+            let mut rx = Rx::new(4, false);
             feed(&mut rx, &mut b, &s, step).unwrap();
             assert_eq!(b.replies, [(1, 0), (2, 64 << 10), (0, -libc::EIO)], "step {step}");
             assert_eq!(b.bufs[2], data);
         }
+    }
+
+    #[test]
+    fn zero_copy_receives_stop_at_each_header_and_data_goes_to_the_fixed_buffer() {
+        for step in [1, 7, 4096, 1 << 20] {
+            let mut b = Reqs::new();
+            b.fixed = true;
+            b.live[0] = Some((0x1_0000, true, 0));
+            b.live[1] = Some((0x2_0001, false, 0));
+            b.live[2] = Some((0x3_0002, true, 4096));
+            let data: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+            let mut s = simple(0, 0x2_0001);
+            s.extend(simple(0, 0x3_0002));
+            s.extend(&data);
+            s.extend(simple(0, 0x1_0000));
+            s.extend(data.iter().rev());
+            let mut rx = Rx::new(4, true);
+            feed(&mut rx, &mut b, &s, step).unwrap();
+            assert_eq!(b.replies, [(1, 0), (2, 64 << 10), (0, 64 << 10)], "step {step}");
+            assert_eq!(b.bufs[2], data);
+            assert!(b.bufs[0].iter().eq(data.iter().rev()));
+        }
+        // A structured reply was not asked for: refused, nothing applied.
+        let mut b = Reqs::new();
+        b.fixed = true;
+        b.live[0] = Some((0x1_0000, true, 0));
+        let mut rx = Rx::new(4, true);
+        let s = chunk(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, 0x1_0000, &[]);
+        assert!(feed(&mut rx, &mut b, &s, 64).is_err());
+        assert!(b.replies.is_empty());
     }
 
     #[test]
@@ -495,7 +594,7 @@ mod tests {
             err.extend(4u16.to_be_bytes());
             err.extend(b"full");
             s.extend(chunk(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_ERROR, 0x11_0001, &err));
-            let mut rx = Rx::new(4);
+            let mut rx = Rx::new(4, false);
             feed(&mut rx, &mut b, &s, step).unwrap();
             assert_eq!(b.replies, [(0, 64 << 10), (1, -libc::ENOSPC)], "step {step}");
             assert!(b.bufs[0][..32 << 10].iter().all(|&x| x == 0));
@@ -507,17 +606,17 @@ mod tests {
     fn protocol_errors_are_reported_not_applied() {
         let mut b = Reqs::new();
         b.live[0] = Some((0x1_0000, true, 0));
-        let mut rx = Rx::new(4);
+        let mut rx = Rx::new(4, false);
         // Unknown handle.
         assert!(feed(&mut rx, &mut b, &simple(0, 0x9_0000), 64).is_err());
         // Data outside the request.
-        let mut rx = Rx::new(4);
+        let mut rx = Rx::new(4, false);
         let mut body = (1u64 << 30).to_be_bytes().to_vec();
         body.extend([0u8; 16]);
         let s = chunk(0, wire::REPLY_TYPE_OFFSET_DATA, 0x1_0000, &body);
         assert!(feed(&mut rx, &mut b, &s, 64).is_err());
         // Bad magic.
-        let mut rx = Rx::new(4);
+        let mut rx = Rx::new(4, false);
         assert!(feed(&mut rx, &mut b, &[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0], 64).is_err());
         assert!(b.replies.is_empty());
     }
