@@ -4,7 +4,10 @@
 # kernel loop driver (direct I/O), rublk (libublk's generic targets) and kublk (the kernel
 # selftests' server, default copy mode and --auto_zc) where their binaries exist, and
 # fuse-loop: the kernel loop driver (direct I/O) on a file of a FUSE server, bench/fuse-file
-# (O_DIRECT backing file, FOPEN_DIRECT_IO, one thread per vCPU), serving the same backing file.
+# (O_DIRECT backing file, FOPEN_DIRECT_IO, one thread per vCPU), serving the same backing file;
+# fuse-uring-loop: the same over libfuse 3.18's passthrough_hp on FUSE over io_uring (built by
+# bench/build-fuse.sh; `-o io_uring`, --nopassthrough so every read and write reaches the server
+# over the ring, --direct-io), serving the directory that holds the backing file.
 #   peers.sh OUT.md [RUNTIME_S] [RUNS]
 # Environment:
 #   UBLK_FAST_BIN  the ublk-fast binary (default target/release/ublk-fast)
@@ -17,6 +20,9 @@
 #                  the guest's tmpfs (an extra row only: tmpfs has no O_DIRECT of its own)
 #   FUSE_FILE_BIN  the fuse-file binary (default bench/fuse-file/target/release/fuse-file, built by
 #                  bench/run.sh peers); missing: skipped
+#   FUSE_HP_BIN    libfuse's passthrough_hp with io_uring (default
+#                  /var/tmp/ublk-fast-peers/bin/passthrough_hp, built by bench/build-fuse.sh);
+#                  missing, or the kernel gives it no ring (no FUSE over io_uring): skipped
 #   PEERS          which peers, space-separated (default: $DEFAULT_PEERS below: every engine
 #                  mode for null, zero copy, batch and SQPOLL for loop; uf-loop-copy and
 #                  uf-null-ucopy (--user-copy) are there to be asked for)
@@ -28,9 +34,10 @@ B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
 R=${RUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/rublk}
 F=${FUSE_FILE_BIN:-$(pwd)/bench/fuse-file/target/release/fuse-file}
 K=${KUBLK_BIN:-/var/tmp/ublk-fast-peers/bin/kublk}
+H=${FUSE_HP_BIN:-/var/tmp/ublk-fast-peers/bin/passthrough_hp}
 BACKING=${BACKING:-ext4}
-ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll uf-null-batch null_blk rublk-null rublk-null-copy kublk-null kublk-null-autozc uf-loop uf-loop-copy uf-loop-sqpoll uf-loop-batch kernel-loop fuse-loop rublk-loop kublk-loop kublk-loop-autozc"
-DEFAULT_PEERS="uf-null uf-null-copy uf-null-batch uf-null-sqpoll null_blk rublk-null rublk-null-copy kublk-null kublk-null-autozc uf-loop uf-loop-batch uf-loop-sqpoll kernel-loop fuse-loop rublk-loop kublk-loop kublk-loop-autozc"
+ALL_PEERS="uf-null uf-null-copy uf-null-ucopy uf-null-sqpoll uf-null-batch null_blk rublk-null rublk-null-copy kublk-null kublk-null-autozc uf-loop uf-loop-copy uf-loop-sqpoll uf-loop-batch kernel-loop fuse-loop fuse-uring-loop rublk-loop kublk-loop kublk-loop-autozc"
+DEFAULT_PEERS="uf-null uf-null-copy uf-null-batch uf-null-sqpoll null_blk rublk-null rublk-null-copy kublk-null kublk-null-autozc uf-loop uf-loop-batch uf-loop-sqpoll kernel-loop fuse-loop fuse-uring-loop rublk-loop kublk-loop kublk-loop-autozc"
 PEERS=${PEERS:-$DEFAULT_PEERS}
 NQ=$(nproc); DEPTH=128; RUBLK_ID=50; KUBLK_ID=60
 W=$(mktemp -d /tmp/bench.XXXX)
@@ -42,6 +49,9 @@ case $BACKING in
   *) echo "peers: BACKING=$BACKING: ext4, xfs, brd or tmpfs" >&2; exit 2 ;;
 esac
 MNT=/tmp/bench-fuse   # fuse-loop's mount point; its file is $MNT/disk
+HMNT=/tmp/bench-fuse-uring   # fuse-uring-loop's: the backing file's directory, mounted again
+# FUSE over io_uring: entries per CPU queue (libfuse's default is 8; fio goes to depth 64).
+HQD=64
 # rw:bs:iodepth:numjobs
 JOBS=${JOBS:-"randread:4k:1:1 randread:4k:4:1 randread:4k:64:1 randread:4k:64:2 randwrite:4k:1:1 randwrite:4k:4:1 randwrite:4k:64:1 randwrite:4k:64:2 read:128k:32:1 write:128k:32:1"}
 TCK=$(getconf CLK_TCK)
@@ -53,7 +63,7 @@ teardown() { # the current peer's device
     rublk-*) "$R" del -n "$RUBLK_ID" ;;
     kublk-*) "$K" del -n "$KUBLK_ID" >/dev/null ;;
     kernel-loop) losetup -d "$DEV" ;;
-    fuse-loop) fuse_teardown ;;
+    fuse-loop|fuse-uring-loop) fuse_teardown ;;
   esac
   CUR=""; DEV=""; DPID=""
 }
@@ -61,14 +71,15 @@ fuse_teardown() { # loop device first (it holds the FUSE file open), then the se
   local rc=0
   [ -n "$DEV" ] && losetup -d "$DEV"
   if [ -n "$DPID" ]; then kill -TERM "$DPID" 2>/dev/null || true; wait "$DPID" || rc=$?; fi
-  [ $rc = 0 ] || echo "peers: fuse-file exited with status $rc (log: $(tail -n 3 "$W/fuse-file.log" | tr '\n' ' '))" >&2
-  if mountpoint -q "$MNT"; then umount "$MNT" || umount -l "$MNT"; fi
+  [ $rc = 0 ] || echo "peers: the $CUR server exited with status $rc (log: $(tail -n 3 "$W/fuse-file.log" | tr '\n' ' '))" >&2
+  for m in "$MNT" "$HMNT"; do if mountpoint -q "$m"; then umount "$m" || umount -l "$m"; fi; done
 }
 cleanup() {
   set +e
   [ -n "$CUR" ] && teardown
   lsmod | grep -q '^null_blk' && rmmod null_blk
   [ -d "$MNT" ] && ! mountpoint -q "$MNT" && rmdir "$MNT"
+  [ -d "$HMNT" ] && ! mountpoint -q "$HMNT" && rmdir "$HMNT"
   case $BACKING in
     ext4|xfs) umount "$FS" 2>/dev/null; rmdir "$FS" 2>/dev/null ;;
     tmpfs) rm -f "$IMG" ;;
@@ -91,6 +102,11 @@ for p in $PEERS; do
       if [ ! -x "$F" ]; then skip "$p" "no fuse-file binary at $F (build: cargo build --release --manifest-path bench/fuse-file/Cargo.toml)"
       elif [ ! -c /dev/fuse ]; then skip "$p" "no /dev/fuse"
       elif [ "$BACKING" = brd ]; then skip "$p" "BACKING=brd: fuse-file serves a file"; fi ;;
+    fuse-uring-loop) modprobe fuse 2>/dev/null || true
+      if [ ! -x "$H" ]; then skip "$p" "no passthrough_hp at $H (bench/build-fuse.sh builds it)"
+      elif [ ! -w /sys/module/fuse/parameters/enable_uring ]; then skip "$p" "this kernel's fuse has no enable_uring (no FUSE over io_uring)"
+      elif [ "$BACKING" = brd ]; then skip "$p" "BACKING=brd: passthrough_hp serves a file"
+      else echo 1 > /sys/module/fuse/parameters/enable_uring; fi ;;
     *) skip "$p" "unknown peer (known: $ALL_PEERS)" ;;
   esac
 done
@@ -122,6 +138,7 @@ CMD[uf-null-batch]="$B null --size 1G -q $NQ -d $DEPTH --zero-copy on --batch-io
 CMD[uf-loop-batch]="$B loop $IMG -q $NQ -d $DEPTH --zero-copy on --batch-io"
 CMD[kernel-loop]="losetup --direct-io=on -f --show $IMG"
 CMD[fuse-loop]="$F --backing $IMG --mountpoint $MNT --threads $NQ; losetup --direct-io=on -f --show $MNT/disk"
+CMD[fuse-uring-loop]="$H --foreground --nopassthrough --direct-io -o io_uring -o io_uring_q_depth=$HQD $(dirname "$IMG") $HMNT; losetup --direct-io=on -f --show $HMNT/$(basename "$IMG")"
 CMD[rublk-null]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet"
 CMD[rublk-null-copy]="$R add null -n $RUBLK_ID -q $NQ -d $DEPTH --quiet"
 CMD[rublk-loop]="$R add loop -n $RUBLK_ID -q $NQ -d $DEPTH --zero-copy --quiet -f $IMG"
@@ -143,6 +160,19 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
       for _ in $(seq 100); do [ -f "$MNT/disk" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
       [ -f "$MNT/disk" ] || { cat "$W/fuse-file.log" >&2; return 1; }
       DEV=$(losetup --direct-io=on -f --show "$MNT/disk") || return 1 ;;
+    fuse-uring-loop) mkdir -p "$HMNT"
+      "$H" --foreground --nopassthrough --direct-io -o io_uring -o "io_uring_q_depth=$HQD" \
+        "$(dirname "$IMG")" "$HMNT" 2>>"$W/fuse-file.log" &
+      DPID=$!; CUR=$p
+      local f; f=$HMNT/$(basename "$IMG")
+      for _ in $(seq 100); do [ -f "$f" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+      [ -f "$f" ] || { cat "$W/fuse-file.log" >&2; return 1; }
+      DEV=$(losetup --direct-io=on -f --show "$f") || return 1
+      # libfuse falls back to /dev/fuse without a word when the kernel offers no ring: then
+      # this is not the peer it claims to be.
+      local rings; rings=$(ls -l "/proc/$DPID/fd" 2>/dev/null | grep -c 'io_uring' || true)
+      if [ "$rings" = 0 ]; then echo "peers: passthrough_hp has no io_uring: not FUSE over io_uring" >&2; return 1; fi
+      echo "$p: passthrough_hp has $rings io_uring fd(s) (FUSE over io_uring: one ring queue per CPU, depth $HQD)" >> "$W/notes" ;;
     kublk-*) out=$(${CMD[$p]} 2>&1) || { echo "$out" >&2; return 1; }
       DEV=/dev/ublkb$KUBLK_ID
       for _ in $(seq 50); do [ -b $DEV ] && break; sleep 0.1; done
@@ -157,7 +187,7 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
     # The kernel's own record of the serving process works for any ublk server.
     DPID=$("$B" list -n "${DEV#/dev/ublkb}" --json | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' | head -1) ;;
   esac
-  case $p in kernel-loop|fuse-loop)
+  case $p in kernel-loop|fuse-loop|fuse-uring-loop)
     # losetup falls back to buffered I/O (dio=0) where the kernel refuses direct I/O on the file.
     local dio; dio=$(cat "/sys/block/${DEV#/dev/}/loop/dio")
     echo "$p: $DEV dio=$dio$([ "$dio" = 1 ] || echo ' (direct I/O refused: the loop device is buffered)')" >> "$W/notes" ;;
@@ -242,11 +272,11 @@ for p in present:
             med[p, job] = [statistics.median(v[k] for v in vals) for k in range(8)]
             spread[p, job] = (min(v[0] for v in vals), max(v[0] for v in vals))
 present = [p for p in present if any((p, j) in med for j in jobs)]
-daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-") or p.startswith("kublk-") or p == "fuse-loop"
+daemon = lambda p: p.startswith("uf-") or p.startswith("rublk-") or p.startswith("kublk-") or p.startswith("fuse-")
 PAIRS = [("uf-null", "null_blk"), ("uf-null", "rublk-null"), ("uf-null-copy", "rublk-null-copy"),
          ("uf-null", "kublk-null"), ("uf-null", "kublk-null-autozc"), ("uf-loop", "kublk-loop"),
          ("uf-loop", "kublk-loop-autozc"),
-         ("uf-loop", "kernel-loop"), ("uf-loop", "rublk-loop"), ("uf-loop", "fuse-loop"), ("uf-loop-copy", "kernel-loop"),
+         ("uf-loop", "kernel-loop"), ("uf-loop", "rublk-loop"), ("uf-loop", "fuse-loop"), ("uf-loop", "fuse-uring-loop"), ("uf-loop-copy", "kernel-loop"),
          ("uf-null-ucopy", "rublk-null-copy"), ("uf-null-sqpoll", "uf-null"), ("uf-loop-sqpoll", "uf-loop"),
          ("uf-null-batch", "uf-null"), ("uf-loop-batch", "uf-loop"), ("uf-null-batch", "null_blk"),
          ("uf-loop-batch", "kernel-loop")]
@@ -267,7 +297,9 @@ L.append(f"Guest kernel {kv}, {os.cpu_count()} vCPUs, **qemu TCG software emulat
          f"(rublk null is 250 GiB, fio touches 1 GiB); the loop devices' backing is in the notes below the peers. "
          f"Every server runs {os.cpu_count()} queues of depth 128; fuse-loop is the kernel loop driver (direct I/O) on the "
          f"one file of bench/fuse-file, a FUSE server with {os.cpu_count()} threads (one /dev/fuse clone each) that serves "
-         f"the same backing file with O_DIRECT pread/pwrite and opens it to the kernel with FOPEN_DIRECT_IO.\n")
+         f"the same backing file with O_DIRECT pread/pwrite and opens it to the kernel with FOPEN_DIRECT_IO; "
+         f"fuse-uring-loop is the kernel loop driver (direct I/O) on the same file through libfuse 3.18's passthrough_hp "
+         f"over FUSE over io_uring (one ring queue per CPU, `--nopassthrough --direct-io`, see bench/build-fuse.sh).\n")
 L.append("## Peers\n")
 L.append("| peer | command |\n|---|---|")
 for p in peers:

@@ -23,7 +23,8 @@
 #     UBLK_FAST_BIN=path uses that binary instead of building target/release; RUBLK_BIN=path,
 #     PEERS="uf-null null_blk ..." (see bench/peers.sh) pick the peer binary and the peers.
 #     The FUSE peer's server (bench/fuse-file, its own crate) is built too, unless
-#     FUSE_FILE_BIN=path names one.
+#     FUSE_FILE_BIN=path names one; the FUSE-over-io_uring peer needs bench/build-fuse.sh
+#     (libfuse 3.18's passthrough_hp; FUSE_HP_BIN=path names another).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 which=${1:-loop}; RT=${2:-5}; RUNS=${3:-3}
@@ -37,11 +38,11 @@ case $which in
           bench/loop-vs-kernel.sh "bench/results/$d-loop-vs-kernel.md" "$RT" "$RUNS" ;;
   metrics) tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/metrics-overhead.sh "bench/results/$d-metrics-overhead.md" "$RT" "${3:-5}" ;;
-  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN FUSE_FILE_BIN PEERS BACKING JOBS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
+  peers) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN FUSE_FILE_BIN FUSE_HP_BIN PEERS BACKING JOBS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
   devices) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN COUNTS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/devices.sh "bench/results/$d-devices.md" "$RT" "$RUNS" ;;
-  nbd) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+  nbd) UBLK_FAST_VM_ENV="UBLK_FAST_BIN ZC" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/nbd.sh "bench/results/$d-nbd.md" "$RT" "$RUNS" ;;
   latency) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/latency.sh "bench/results/$d-latency.md" "$RT" "$RUNS" "${4:-50}" ;;
