@@ -238,14 +238,9 @@ fn zero_copy_moves_data_from_and_into_the_requests_pages() {
         "--verify_fatal=1",
     ]);
     // Kill it once fio is well into its writes (its start-up alone takes seconds here).
-    let stat = format!("/sys/block/{}/stat", dev.path.trim_start_matches("/dev/"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let writes = || -> u64 {
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        s.split_whitespace().nth(4).and_then(|w| w.parse().ok()).unwrap_or(0)
-    };
-    while writes() < 500 {
-        assert!(Instant::now() < deadline, "fio did not get going in 60 s");
+    let t = Instant::now();
+    while dev.stat("writes") < 500 {
+        assert!(t.elapsed() < Duration::from_secs(60), "fio did not get going in 60 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     server.kill();

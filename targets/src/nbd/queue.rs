@@ -56,8 +56,8 @@ const MAX_TX_OPS: usize = 8;
 /// One operation of a send chain.
 #[derive(Clone, Copy)]
 enum TxOp {
-    /// SENDMSG (alone) or WRITEV (in a chain) of a run of iovecs.
-    Msg,
+    /// SENDMSG (alone) or WRITEV (in a chain) of `iov[at..at + len]`.
+    Msg { at: usize, len: usize },
     /// WRITE_FIXED of `len` bytes at offset `at` of the fixed buffer `idx`.
     Fixed { at: usize, len: usize, idx: u16 },
 }
@@ -274,12 +274,11 @@ impl NbdQueue {
         if self.tx_ops > 0 || self.conn != Conn::Up || self.txq.is_empty() || self.stopped() {
             return;
         }
-        let mut ops = [TxOp::Msg; MAX_TX_OPS];
+        let mut ops = [TxOp::Msg { at: 0, len: 0 }; MAX_TX_OPS];
         let mut nops = 0;
         // iovecs `msg_start..n` belong to the gathering operation not yet closed.
         let mut n = 0;
         let mut msg_start = 0;
-        let mut msg_iov = [(0usize, 0usize); MAX_TX_OPS];
         let mut skip = self.tx_off;
         'gather: for &tag in self.txq.iter() {
             let (hdr, data, buf, fixed) = if tag == OWN {
@@ -304,8 +303,7 @@ impl NbdQueue {
                             break 'gather;
                         }
                         if open == 1 {
-                            msg_iov[nops] = (msg_start, n - msg_start);
-                            ops[nops] = TxOp::Msg;
+                            ops[nops] = TxOp::Msg { at: msg_start, len: n - msg_start };
                             nops += 1;
                             msg_start = n;
                         }
@@ -329,16 +327,14 @@ impl NbdQueue {
             }
         }
         if n > msg_start {
-            msg_iov[nops] = (msg_start, n - msg_start);
-            ops[nops] = TxOp::Msg;
+            ops[nops] = TxOp::Msg { at: msg_start, len: n - msg_start };
             nops += 1;
         }
         let fd = self.fd();
         for (i, op) in ops[..nops].iter().enumerate() {
             let sqe = match *op {
                 // Alone (always so in copy mode): a SENDMSG, whose short send we resume.
-                TxOp::Msg if nops == 1 => {
-                    let (at, len) = msg_iov[i];
+                TxOp::Msg { at, len } if nops == 1 => {
                     self.msg.msg_iov = self.iov[at..].as_mut_ptr();
                     self.msg.msg_iovlen = len as _;
                     opcode::SendMsg::new(fd, &*self.msg).flags(libc::MSG_NOSIGNAL as u32).build()
@@ -347,8 +343,7 @@ impl NbdQueue {
                 // SENDMSG succeeds and the next operation would send past a gap in the stream.
                 // (SENDMSG with MSG_WAITALL was tried: on 7.3, against qemu-nbd, the stream
                 // came out misframed: the server read data where a header belonged.)
-                TxOp::Msg => {
-                    let (at, len) = msg_iov[i];
+                TxOp::Msg { at, len } => {
                     opcode::Writev::new(fd, self.iov[at..].as_ptr(), len as u32).build()
                 }
                 // Zero copy: the fixed buffer is addressed from 0, so the offset is the address.
