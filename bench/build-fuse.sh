@@ -86,34 +86,8 @@ MESON_VER=1.12.1
 NINJA_VER=1.13.2
 mkdir -p "$P/debs" "$P/src" "$P/build" "$P/bin"
 
-# apt-get download/source as root warns that _apt cannot write there; harmless.
-aptget() { # apt.conf apt-get-arguments... (run in $P/debs; on failure, update the lists and retry)
-  local conf=$1; shift
-  (cd "$P/debs" && APT_CONFIG=$conf apt-get "$@" 2>&1 | grep -v 'unsandboxed') ||
-  { echo "build-fuse: updating the lists of $conf and retrying"
-    APT_CONFIG=$conf apt-get update >/dev/null
-    (cd "$P/debs" && APT_CONFIG=$conf apt-get "$@" 2>&1 | grep -v 'unsandboxed'); }
-}
-deb_of() { ls "$P/debs/$1"_*.deb 2>/dev/null | sort -V | tail -1; }
-mkaptconf() { # dir sources.list-line: a download-only apt configuration of our own
-  local d=$1 line=$2
-  mkdir -p "$d/etc/sources.list.d" "$d/etc/preferences.d" "$d/lists/partial" \
-    "$d/cache/archives/partial"
-  touch "$d/status"
-  echo "$line" > "$d/etc/sources.list"
-  cat > "$d/apt.conf" <<EOF
-Dir::Etc::SourceList "$d/etc/sources.list";
-Dir::Etc::SourceParts "$d/etc/sources.list.d";
-Dir::Etc::Preferences "$d/etc/preferences";
-Dir::Etc::PreferencesParts "$d/etc/preferences.d";
-Dir::State::Lists "$d/lists";
-Dir::State::status "$d/status";
-Dir::Cache "$d/cache";
-APT::Architecture "amd64";
-Acquire::Languages "none";
-EOF
-  APT_CONFIG=$d/apt.conf apt-get update >/dev/null
-}
+WHO=build-fuse
+. "$(dirname "$(readlink -f "$0")")/peer-debs.sh"
 
 # 1. meson and ninja, from PyPI into a venv of our own (not system-wide).
 if [ ! -x "$VENV/bin/meson" ] || [ ! -x "$VENV/bin/ninja" ]; then
@@ -125,11 +99,7 @@ fi
 echo "build-fuse: meson $("$VENV/bin/meson" --version), ninja $("$VENV/bin/ninja" --version)"
 
 # 2. fuse3's source package from sid, through a download-only deb-src configuration.
-if [ ! -f "$P/apt-sid/apt.conf" ]; then
-  echo "build-fuse: making a download-only apt configuration for sid deb-src at $P/apt-sid"
-  mkaptconf "$P/apt-sid" \
-    "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main"
-fi
+debian_suite apt-sid deb-src sid
 if ! ls "$P/debs"/fuse3_*.orig.tar.* >/dev/null 2>&1; then
   echo "build-fuse: downloading the fuse3 source package (sid) into $P/debs"
   aptget "$P/apt-sid/apt.conf" source --download-only fuse3
@@ -144,11 +114,7 @@ case $UVER in 3.18.*) ;; *) echo "build-fuse: warning: written for fuse3 3.18, t
 # 3. liburing-dev (2.9) and linux-libc-dev from trixie main, through the same download-only
 #    configuration as build-kublk.sh ($P/apt), and libnuma-dev from bookworm main (the host's
 #    and the guest's glibc), unpacked with dpkg -x.
-if [ ! -f "$P/apt/apt.conf" ]; then
-  echo "build-fuse: making a download-only apt configuration for trixie main at $P/apt"
-  mkaptconf "$P/apt" \
-    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main"
-fi
+debian_suite apt deb trixie
 need=()
 for pkg in liburing-dev liburing2 linux-libc-dev; do
   [ -n "$(deb_of $pkg)" ] || need+=("$pkg")
@@ -157,20 +123,12 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "build-fuse: downloading ${need[*]} (trixie) into $P/debs"
   aptget "$P/apt/apt.conf" download "${need[@]}"
 fi
-if [ ! -f "$P/apt-bookworm/apt.conf" ]; then
-  echo "build-fuse: making a download-only apt configuration for bookworm main at $P/apt-bookworm"
-  mkaptconf "$P/apt-bookworm" \
-    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main"
-fi
+debian_suite apt-bookworm deb bookworm
 if [ -z "$(deb_of libnuma-dev)" ]; then
   echo "build-fuse: downloading libnuma-dev (bookworm) into $P/debs"
   aptget "$P/apt-bookworm/apt.conf" download libnuma-dev
 fi
-if [ ! -f "$LU/usr/lib/x86_64-linux-gnu/liburing.a" ]; then
-  echo "build-fuse: unpacking liburing into $LU"
-  dpkg -x "$(deb_of liburing-dev)" "$LU"
-  dpkg -x "$(deb_of liburing2)" "$LU"
-fi
+unpack_liburing "$LU"
 if [ ! -f "$NUMA/usr/lib/x86_64-linux-gnu/libnuma.a" ]; then
   echo "build-fuse: unpacking libnuma-dev into $NUMA"
   dpkg -x "$(deb_of libnuma-dev)" "$NUMA"
@@ -179,6 +137,21 @@ LUVER=$(dpkg-deb -f "$(deb_of liburing-dev)" Version)
 NUVER=$(dpkg-deb -f "$(deb_of libnuma-dev)" Version)
 LHVER=$(dpkg-deb -f "$(deb_of linux-libc-dev)" Version)
 echo "build-fuse: liburing-dev $LUVER, libnuma-dev $NUVER, linux-libc-dev $LHVER (<linux/blkdev.h>)"
+
+# A pkg-config file for a static library in $DEPS.
+static_pc() { # NAME VERSION DESCRIPTION LIB
+  cat > "$DEPS/lib/pkgconfig/$1.pc" <<EOF
+prefix=$DEPS
+libdir=\${prefix}/lib
+includedir=\${prefix}/include
+
+Name: $1
+Version: $2
+Description: $3
+Libs: -L\${libdir} -l$4
+Cflags: -I\${includedir}
+EOF
+}
 
 # 4. $DEPS: the two static libraries alone in their lib/ (so -luring and -lnuma cannot pick a
 #    .so), their headers plus linux/blkdev.h in include/, and .pc files pointing there.
@@ -190,28 +163,8 @@ if [ ! -f "$DEPS/lib/pkgconfig/numa.pc" ]; then
   cp -r "$LU/usr/include/." "$NUMA/usr/include/." "$DEPS/include/"
   dpkg-deb --fsys-tarfile "$(deb_of linux-libc-dev)" | tar -xO ./usr/include/linux/blkdev.h \
     > "$DEPS/include/linux/blkdev.h"
-  cat > "$DEPS/lib/pkgconfig/liburing.pc" <<EOF
-prefix=$DEPS
-libdir=\${prefix}/lib
-includedir=\${prefix}/include
-
-Name: liburing
-Version: ${LUVER%%-*}
-Description: io_uring library (static, from liburing-dev $LUVER)
-Libs: -L\${libdir} -luring
-Cflags: -I\${includedir}
-EOF
-  cat > "$DEPS/lib/pkgconfig/numa.pc" <<EOF
-prefix=$DEPS
-libdir=\${prefix}/lib
-includedir=\${prefix}/include
-
-Name: numa
-Version: ${NUVER%%-*}
-Description: NUMA policy library (static, from libnuma-dev $NUVER)
-Libs: -L\${libdir} -lnuma
-Cflags: -I\${includedir}
-EOF
+  static_pc liburing "${LUVER%%-*}" "io_uring library (static, from liburing-dev $LUVER)" uring
+  static_pc numa "${NUVER%%-*}" "NUMA policy library (static, from libnuma-dev $NUVER)" numa
 fi
 
 # 5. The upstream tarball, unpacked with tar.

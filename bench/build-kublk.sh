@@ -55,20 +55,13 @@ LU=$P/liburing
 BIN=$P/bin/kublk
 mkdir -p "$P/debs" "$P/src" "$P/build" "$P/bin"
 
-# apt-get download as root warns that _apt cannot write there; harmless.
-download() { # apt.conf package...
-  local conf=$1; shift
-  (cd "$P/debs" && APT_CONFIG=$conf apt-get download "$@" 2>&1 | grep -v 'unsandboxed') ||
-  { echo "build-kublk: updating the lists of $conf and retrying"
-    APT_CONFIG=$conf apt-get update >/dev/null
-    (cd "$P/debs" && APT_CONFIG=$conf apt-get download "$@" 2>&1 | grep -v 'unsandboxed'); }
-}
-deb_of() { ls "$P/debs/$1"_*.deb 2>/dev/null | sort -V | tail -1; }
+WHO=build-kublk
+. "$(dirname "$(readlink -f "$0")")/peer-debs.sh"
 
 # 1. The kernel source package (~167 MB), through the VM's apt configuration.
 if [ -z "$(deb_of $KPKG)" ]; then
   echo "build-kublk: downloading $KPKG into $P/debs"
-  download "$VM_APT" $KPKG
+  aptget "$VM_APT" download $KPKG
 fi
 KDEB=$(deb_of $KPKG)
 [ -n "$KDEB" ] || { echo "build-kublk: no $KPKG .deb in $P/debs" >&2; exit 1; }
@@ -76,35 +69,12 @@ echo "build-kublk: kernel source: $KPKG $(dpkg-deb -f "$KDEB" Version)"
 
 # 2. liburing-dev (and liburing2, which it depends on) from trixie, through a download-only
 #    apt configuration of our own, unpacked with dpkg -x (not installed).
-if [ ! -f "$P/apt/apt.conf" ]; then
-  echo "build-kublk: making a download-only apt configuration for trixie main at $P/apt"
-  mkdir -p "$P/apt/etc/sources.list.d" "$P/apt/etc/preferences.d" "$P/apt/lists/partial" \
-    "$P/apt/cache/archives/partial"
-  touch "$P/apt/status"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
-    > "$P/apt/etc/sources.list"
-  cat > "$P/apt/apt.conf" <<EOF
-Dir::Etc::SourceList "$P/apt/etc/sources.list";
-Dir::Etc::SourceParts "$P/apt/etc/sources.list.d";
-Dir::Etc::Preferences "$P/apt/etc/preferences";
-Dir::Etc::PreferencesParts "$P/apt/etc/preferences.d";
-Dir::State::Lists "$P/apt/lists";
-Dir::State::status "$P/apt/status";
-Dir::Cache "$P/apt/cache";
-APT::Architecture "amd64";
-Acquire::Languages "none";
-EOF
-  APT_CONFIG=$P/apt/apt.conf apt-get update >/dev/null
-fi
+debian_suite apt deb trixie
 if [ -z "$(deb_of liburing-dev)" ] || [ -z "$(deb_of liburing2)" ]; then
   echo "build-kublk: downloading liburing-dev and liburing2 (trixie) into $P/debs"
-  download "$P/apt/apt.conf" liburing-dev liburing2
+  aptget "$P/apt/apt.conf" download liburing-dev liburing2
 fi
-if [ ! -f "$LU/usr/lib/x86_64-linux-gnu/liburing.a" ]; then
-  echo "build-kublk: unpacking liburing into $LU"
-  dpkg -x "$(deb_of liburing-dev)" "$LU"
-  dpkg -x "$(deb_of liburing2)" "$LU"
-fi
+unpack_liburing "$LU"
 LUVER=$(dpkg-deb -f "$(deb_of liburing-dev)" Version)
 echo "build-kublk: liburing-dev $LUVER"
 
