@@ -147,6 +147,17 @@ CMD[kublk-null-autozc]="$K add -t null -q $NQ -d $DEPTH -n $KUBLK_ID --auto_zc -
 CMD[kublk-loop]="$K add -t loop -q $NQ -d $DEPTH -n $KUBLK_ID --quiet $IMG"
 CMD[kublk-loop-autozc]="$K add -t loop -q $NQ -d $DEPTH -n $KUBLK_ID --auto_zc --quiet $IMG"
 
+# A FUSE server started in the background, then the kernel loop driver (direct I/O) on FILE, a
+# file of its mount: sets DPID and DEV, or returns 1.
+fuse_loop() { # FILE server-command...
+  local f=$1; shift
+  "$@" 2>>"$W/fuse-file.log" &
+  DPID=$!; CUR=$p
+  # The server mounts, then serves: the file shows once it answers lookups.
+  for _ in $(seq 100); do [ -f "$f" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+  [ -f "$f" ] || { cat "$W/fuse-file.log" >&2; return 1; }
+  DEV=$(losetup --direct-io=on -f --show "$f")
+}
 setup() { # peer -> sets CUR DEV DPID, or returns 1
   local p=$1 out
   case $p in
@@ -154,20 +165,10 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
     kernel-loop) DEV=$(${CMD[$p]}) || return 1 ;;
     uf-*) DEV=$(${CMD[$p]}) || return 1 ;;
     fuse-loop) mkdir -p "$MNT"
-      "$F" --backing "$IMG" --mountpoint "$MNT" --threads "$NQ" 2>>"$W/fuse-file.log" &
-      DPID=$!; CUR=$p
-      # The server mounts, then serves: the file shows once it answers lookups.
-      for _ in $(seq 100); do [ -f "$MNT/disk" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
-      [ -f "$MNT/disk" ] || { cat "$W/fuse-file.log" >&2; return 1; }
-      DEV=$(losetup --direct-io=on -f --show "$MNT/disk") || return 1 ;;
+      fuse_loop "$MNT/disk" "$F" --backing "$IMG" --mountpoint "$MNT" --threads "$NQ" || return 1 ;;
     fuse-uring-loop) mkdir -p "$HMNT"
-      "$H" --foreground --nopassthrough --direct-io -o io_uring -o "io_uring_q_depth=$HQD" \
-        "$(dirname "$IMG")" "$HMNT" 2>>"$W/fuse-file.log" &
-      DPID=$!; CUR=$p
-      local f; f=$HMNT/$(basename "$IMG")
-      for _ in $(seq 100); do [ -f "$f" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
-      [ -f "$f" ] || { cat "$W/fuse-file.log" >&2; return 1; }
-      DEV=$(losetup --direct-io=on -f --show "$f") || return 1
+      fuse_loop "$HMNT/$(basename "$IMG")" "$H" --foreground --nopassthrough --direct-io -o io_uring \
+        -o "io_uring_q_depth=$HQD" "$(dirname "$IMG")" "$HMNT" || return 1
       # libfuse falls back to /dev/fuse without a word when the kernel offers no ring: then
       # this is not the peer it claims to be.
       local rings; rings=$(ls -l "/proc/$DPID/fd" 2>/dev/null | grep -c 'io_uring' || true)
