@@ -4,7 +4,8 @@
 # boot, alternating, RUNS runs each, fio io_uring direct. Servers: nbdkit (memory plugin) and
 # qemu-nbd (a raw file on tmpfs), both over TCP on 127.0.0.1. ZC=1 (the default; ZC=0 leaves
 # it out) adds ublk-fast in zero copy (`--zero-copy on`: WRITE_FIXED/READ_FIXED on the socket
-# from and into the requests' pages, simple replies) as a third client.
+# from and into the requests' pages, simple replies) as a third client. POLL=N adds ublk-fast in
+# latency mode (`--poll-us N`) as another; JOBS="rw:bs:qd ..." picks the jobs.
 #   nbd.sh OUT.md [RUNTIME_S] [RUNS]
 set -euo pipefail
 OUT=$1; RT=${2:-5}; RUNS=${3:-3}
@@ -13,8 +14,9 @@ W=$(mktemp -d /tmp/bench.XXXX)
 modprobe ublk_drv; modprobe nbd nbds_max=4
 CPUS=$(nproc)
 PEERS="ublk-fast kernel-nbd"
-[ "${ZC:-1}" = 0 ] || PEERS="ublk-fast ublk-fast-zc kernel-nbd"
-JOBS="randread:4k:1 randread:4k:64 randwrite:4k:1 randwrite:4k:64 read:128k:32"
+[ "${ZC:-1}" = 0 ] || PEERS="$PEERS ublk-fast-zc"
+[ -z "${POLL:-}" ] || PEERS="$PEERS ublk-fast-poll"
+JOBS=${JOBS:-"randread:4k:1 randread:4k:64 randwrite:4k:1 randwrite:4k:64 read:128k:32"}
 IMG=/tmp/bench-nbd.img
 truncate -s 1G $IMG
 
@@ -62,6 +64,7 @@ for server in nbdkit qemu-nbd; do
       case $peer in
         ublk-fast) DEV=$($B nbd nbd://127.0.0.1:10809/disk) ;;
         ublk-fast-zc) DEV=$($B nbd nbd://127.0.0.1:10809/disk --zero-copy on) ;;
+        ublk-fast-poll) DEV=$($B nbd nbd://127.0.0.1:10809/disk --poll-us "$POLL") ;;
         kernel-nbd) nbd-client -N disk 127.0.0.1 10809 /dev/nbd0 -C "$Q" -b 4096 >/dev/null; DEV=/dev/nbd0 ;;
       esac
       for j in $JOBS; do run_fio "$DEV" "$j" "$run" "$peer" "$server"; echo "$server run $run $peer $j done"; done
@@ -71,10 +74,10 @@ for server in nbdkit qemu-nbd; do
   stop_server
 done
 
-python3 - "$W" "$OUT" "$RUNS" "$RT" "$JOBS" "$CPUS" "$PEERS" <<'PY'
+python3 - "$W" "$OUT" "$RUNS" "$RT" "$JOBS" "$CPUS" "$PEERS" "${POLL:-}" <<'PY'
 import json, sys, statistics, subprocess, os
 w, out, runs, rt, jobs, cpus = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5].split(), sys.argv[6]
-peers = sys.argv[7].split()
+peers, poll = sys.argv[7].split(), sys.argv[8]
 hz = os.sysconf("SC_CLK_TCK")
 def load(server, peer, job, run):
     base = f"{w}/{server}.{peer}.{job}.{run}"
@@ -95,7 +98,8 @@ with open(out, "w") as f:
             f"number of connections (ublk-fast: one per queue; kernel: nbd-client -C). fio io_uring, direct=1, "
             f"{rt} s per run (+1 s ramp), {runs} runs per cell alternating which client goes first; medians. "
             f"CPU/IO: whole-guest busy CPU time (client, server, fio) per I/O, µs."
-            + (" ublk-fast zc: the same with `--zero-copy on`." if "ublk-fast-zc" in peers else "") + "\n\n")
+            + (" ublk-fast zc: the same with `--zero-copy on`." if "ublk-fast-zc" in peers else "")
+            + (f" ublk-fast poll: the same with `--poll-us {poll}`." if "ublk-fast-poll" in peers else "") + "\n\n")
     for server in ("nbdkit", "qemu-nbd"):
         q = open(f"{w}/{server}.queues").read().strip()
         f.write(f"## {server} ({q} connection(s) each)\n\n")
@@ -109,12 +113,15 @@ with open(out, "w") as f:
             u, k = r["ublk-fast", job], r["kernel-nbd", job]
             f.write(f"| {job} | {u[0]:.0f} | {k[0]:.0f} | {u[0]/k[0]:.2f} | {u[1]:.0f} | {k[1]:.0f} | {u[2]:.1f} | {k[2]:.1f} |\n")
         f.write("\n")
-        if "ublk-fast-zc" in peers:
-            f.write("Zero copy (`--zero-copy on`) against copy mode and the kernel client:\n\n")
-            f.write("| job (rw:bs:qd) | zc IOPS | zc ÷ copy | zc ÷ kernel | zc p99 µs | zc CPU/IO µs |\n")
+        for peer, what, tag in (("ublk-fast-zc", "Zero copy (`--zero-copy on`)", "zc"),
+                                ("ublk-fast-poll", f"Latency mode (`--poll-us {poll}`)", "poll")):
+            if peer not in peers:
+                continue
+            f.write(f"{what} against copy mode and the kernel client:\n\n")
+            f.write(f"| job (rw:bs:qd) | {tag} IOPS | {tag} ÷ copy | {tag} ÷ kernel | {tag} p99 µs | {tag} CPU/IO µs |\n")
             f.write("|---|---:|---:|---:|---:|---:|\n")
             for job in jobs:
-                z, u, k = r["ublk-fast-zc", job], r["ublk-fast", job], r["kernel-nbd", job]
+                z, u, k = r[peer, job], r["ublk-fast", job], r["kernel-nbd", job]
                 f.write(f"| {job} | {z[0]:.0f} | {z[0]/u[0]:.2f} | {z[0]/k[0]:.2f} | {z[1]:.0f} | {z[2]:.1f} |\n")
             f.write("\n")
 print(open(out).read())

@@ -7,6 +7,9 @@
 # Environment: BACKING=ext4 profiles the loop cases only, on a fully written 1 GiB file of ext4
 #   on a brd ramdisk (bench/peers.sh's default backing, where ublk-fast loses to the kernel
 #   loop driver): reads and writes at qd1 and qd64, ublk-fast against the kernel loop driver.
+#   BACKING=nbd profiles the nbd target against the kernel's nbd client (nbd-client, one
+#   connection per queue) on an nbdkit memory export over TCP, reads and writes at qd1 (where
+#   ublk-fast is 0.6-0.75x the kernel client) and reads at qd64.
 set -euo pipefail
 OUT=$1; S=${2:-4}
 B=${UBLK_FAST_BIN:-$(pwd)/target/release/ublk-fast}
@@ -20,14 +23,19 @@ case $BACKING in
   ext4) IMG=$FS/backing.img
     modprobe brd rd_nr=1 rd_size=1310720
     mkfs.ext4 -q -F /dev/ram0 && mkdir -p $FS && mount /dev/ram0 $FS ;;
-  *) echo "profile: BACKING=$BACKING: tmpfs or ext4" >&2; exit 2 ;;
+  nbd) IMG=/tmp/prof-backing.img
+    modprobe nbd nbds_max=2
+    nbdkit -f -i 127.0.0.1 -p 10809 -e disk memory 1G & NBDKIT=$!
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/10809) 2>/dev/null && break; sleep 0.1; done ;;
+  *) echo "profile: BACKING=$BACKING: tmpfs, ext4 or nbd" >&2; exit 2 ;;
 esac
 modprobe null_blk queue_mode=2 nr_devices=1 gb=1 irqmode=0 submit_queues="$(nproc)" hw_queue_depth=128
 # No sparse holes (tmpfs would zero pages; ext4 would allocate on every write).
-dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none conv=fsync
+[ "$BACKING" = nbd ] || dd if=/dev/urandom of=$IMG bs=1M count=1024 status=none conv=fsync
 cleanup() {
   set +e; "$B" del --all >/dev/null 2>&1; losetup -D; rmmod null_blk; rm -rf "$W" $IMG
   [ "$BACKING" = ext4 ] && { umount $FS; rmdir $FS; rmmod brd; }
+  [ "$BACKING" = nbd ] && { kill "$NBDKIT"; wait "$NBDKIT"; }
 }
 trap cleanup EXIT
 # case: name|device setup|fio rw|bs|qd
@@ -46,6 +54,21 @@ kernel-loop qd64|kloop|randwrite|4k|64
 uf-loop qd64|uf loop $IMG --zero-copy on|randread|4k|64
 kernel-loop qd64|kloop|randread|4k|64"
 fi
+if [ "$BACKING" = nbd ]; then
+  N=nbd://127.0.0.1:10809/disk
+  # Fill the export once, so reads read data (not holes) on both clients.
+  DEV=$($B nbd $N)
+  fio --name=fill --filename="$DEV" --ioengine=io_uring --direct=1 --rw=write --bs=1m --iodepth=8 \
+      --size=1G --eta=never --output=/dev/null
+  NQ=$($B list -n "${DEV#/dev/ublkb}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["queues"])')
+  $B del -n "${DEV#/dev/ublkb}"
+  CASES="uf-nbd qd1|uf nbd $N|randread|4k|1
+kernel-nbd qd1|knbd|randread|4k|1
+uf-nbd qd1|uf nbd $N|randwrite|4k|1
+kernel-nbd qd1|knbd|randwrite|4k|1
+uf-nbd qd64|uf nbd $N|randread|4k|64
+kernel-nbd qd64|knbd|randread|4k|64"
+fi
 {
   echo "# Where the CPU goes: perf in the guest (backing: $BACKING)"
   echo
@@ -59,6 +82,7 @@ while IFS='|' read -r name setup rw bs qd; do
     uf\ *) DEV=$($B ${setup#uf }) ;;
     nullb) DEV=/dev/nullb0 ;;
     kloop) DEV=$(losetup --direct-io=on -f --show $IMG) ;;
+    knbd) nbd-client -N disk 127.0.0.1 10809 /dev/nbd0 -C "$NQ" -b 4096 >/dev/null; DEV=/dev/nbd0 ;;
   esac
   fio --name=p --filename="$DEV" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
       --runtime=$((S + 3)) --time_based --size=1G --eta=never --output-format=json --output="$W/fio.json" >/dev/null &
@@ -81,6 +105,7 @@ while IFS='|' read -r name setup rw bs qd; do
   case $setup in
     uf\ *) $B del -n "${DEV#/dev/ublkb}" ;;
     kloop) losetup -d "$DEV" ;;
+    knbd) nbd-client -d /dev/nbd0 >/dev/null ;;
   esac
   echo "profile: $name done" >&2
 done <<< "$CASES"

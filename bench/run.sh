@@ -16,7 +16,8 @@
 #     devices are handed over, re-added, a backing device flips to dm-flakey; nothing lost
 #   bench/run.sh profile [SECONDS]            -> bench/results/<date>-profile.md (perf in the
 #     guest: CPU shares by process and symbol, ublk-fast vs null_blk and kernel loop;
-#     BACKING=ext4: the loop cases on a file of ext4 on brd -> <date>-profile-ext4.md)
+#     BACKING=ext4: the loop cases on a file of ext4 on brd -> <date>-profile-ext4.md;
+#     BACKING=nbd: the nbd target vs the kernel's nbd client on nbdkit -> <date>-profile-nbd.md)
 #   bench/run.sh peers [RUNTIME_S] [RUNS]     -> bench/results/<date>-peers.md
 #     ublk-fast null/loop vs kernel null_blk, kernel loop, kublk (bench/build-kublk.sh) and rublk (if installed:
 #     cargo install --locked --no-default-features --root /var/tmp/ublk-fast-peers rublk).
@@ -42,7 +43,7 @@ case $which in
           bench/peers.sh "bench/results/$d-peers.md" "$RT" "$RUNS" ;;
   devices) UBLK_FAST_VM_ENV="UBLK_FAST_BIN RUBLK_BIN KUBLK_BIN COUNTS" tools/vm/run.sh -t 5400 -r "$PWD/bench/results" -- \
           bench/devices.sh "bench/results/$d-devices.md" "$RT" "$RUNS" ;;
-  nbd) UBLK_FAST_VM_ENV="UBLK_FAST_BIN ZC" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
+  nbd) UBLK_FAST_VM_ENV="UBLK_FAST_BIN ZC POLL JOBS" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/nbd.sh "bench/results/$d-nbd.md" "$RT" "$RUNS" ;;
   latency) UBLK_FAST_VM_ENV="UBLK_FAST_BIN" tools/vm/run.sh -t 3000 -r "$PWD/bench/results" -- \
           bench/latency.sh "bench/results/$d-latency.md" "$RT" "$RUNS" "${4:-50}" ;;
