@@ -132,6 +132,9 @@ pub struct QueueStats {
     pub oldest_io_ns: AtomicU64,
     /// Per-op latency from the request's delivery to its commit, and errors.
     pub lat: [OpLatency; 5],
+    /// Remote targets (nbd): each request's round trip to the server, from its last byte
+    /// sent to its reply's arrival (errors: replies that carried one).
+    pub backend_rtt: OpLatency,
 }
 
 /// Names of the plain counters in file order.
@@ -169,6 +172,7 @@ const COUNTER_WORDS: usize = 25;
 pub struct QueueSnapshot {
     pub counters: [u64; COUNTER_WORDS],
     pub ops: [OpSnapshot; 5],
+    pub backend_rtt: OpSnapshot,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -178,6 +182,29 @@ pub struct OpSnapshot {
     pub sum_ns: u64,
     pub count: u64,
     pub errors: u64,
+}
+
+impl OpSnapshot {
+    fn absorb(&mut self, b: &OpSnapshot) {
+        for (x, y) in self.buckets.iter_mut().zip(b.buckets.iter()) {
+            *x = x.wrapping_add(*y);
+        }
+        self.overflow = self.overflow.wrapping_add(b.overflow);
+        self.sum_ns = self.sum_ns.wrapping_add(b.sum_ns);
+        self.count = self.count.wrapping_add(b.count);
+        self.errors = self.errors.wrapping_add(b.errors);
+    }
+
+    /// From one [`OpLatency`]'s words, in file order.
+    fn from_words(w: &[u64]) -> Self {
+        let mut op = OpSnapshot::default();
+        op.buckets.copy_from_slice(&w[..NB]);
+        op.overflow = w[NB];
+        op.sum_ns = w[NB + 1];
+        op.count = w[NB + 2];
+        op.errors = w[NB + 3];
+        op
+    }
 }
 
 impl QueueSnapshot {
@@ -191,14 +218,9 @@ impl QueueSnapshot {
             *a = if COUNTER_NAMES[i] == "oldest_io_ns" { (*a).max(*b) } else { a.wrapping_add(*b) };
         }
         for (a, b) in self.ops.iter_mut().zip(o.ops.iter()) {
-            for (x, y) in a.buckets.iter_mut().zip(b.buckets.iter()) {
-                *x = x.wrapping_add(*y);
-            }
-            a.overflow = a.overflow.wrapping_add(b.overflow);
-            a.sum_ns = a.sum_ns.wrapping_add(b.sum_ns);
-            a.count = a.count.wrapping_add(b.count);
-            a.errors = a.errors.wrapping_add(b.errors);
+            a.absorb(b);
         }
+        self.backend_rtt.absorb(&o.backend_rtt);
     }
 
     /// One snapshot per queue from rows in queue-major order, `shards` rows per queue.
@@ -222,21 +244,17 @@ impl QueueSnapshot {
         let mut s = QueueSnapshot::default();
         s.counters.copy_from_slice(&w[..COUNTER_WORDS]);
         for (o, op) in s.ops.iter_mut().enumerate() {
-            let b = COUNTER_WORDS + o * OP_WORDS;
-            op.buckets.copy_from_slice(&w[b..b + NB]);
-            op.overflow = w[b + NB];
-            op.sum_ns = w[b + NB + 1];
-            op.count = w[b + NB + 2];
-            op.errors = w[b + NB + 3];
+            *op = OpSnapshot::from_words(&w[COUNTER_WORDS + o * OP_WORDS..]);
         }
+        s.backend_rtt = OpSnapshot::from_words(&w[COUNTER_WORDS + 5 * OP_WORDS..]);
         s
     }
 }
 
 const BLOCK: usize = std::mem::size_of::<QueueStats>();
 /// The file format's version is in the magic: v2 added `unexpected_completions`, v3 the
-/// `backend_*` connection counters and the `poll_*` latency-mode counters.
-const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST3");
+/// `backend_*` connection counters and the `poll_*` latency-mode counters, v4 `backend_rtt`.
+const MAGIC: u64 = u64::from_le_bytes(*b"UBLKFST4");
 
 impl QueueStats {
     /// Adds `n` to a counter this thread alone writes: no read-modify-write instruction.
@@ -378,7 +396,8 @@ mod tests {
         assert_eq!(BLOCK % 128, 0);
         assert_eq!(offset_of!(QueueStats, lat), COUNTER_WORDS * 8);
         assert_eq!(std::mem::size_of::<OpLatency>(), OP_WORDS * 8);
-        const { assert!(BLOCK >= (COUNTER_WORDS + 5 * OP_WORDS) * 8) };
+        assert_eq!(offset_of!(QueueStats, backend_rtt), (COUNTER_WORDS + 5 * OP_WORDS) * 8);
+        const { assert!(BLOCK >= (COUNTER_WORDS + 6 * OP_WORDS) * 8) };
         assert_eq!(offset_of!(QueueStats, io_time_ns), 14 * 8);
         assert_eq!(offset_of!(QueueStats, reads), 0);
         assert_eq!(offset_of!(QueueStats, fua_writes), 7 * 8);
@@ -397,6 +416,7 @@ mod tests {
         QueueStats::drop_one(&r.queue(1).io_now);
         r.queue(1).lat[1].record(3_000, false);
         r.queue(1).lat[1].record(20_000_000_000, true);
+        r.queue(0).backend_rtt.record(700_000, false);
         let rows = StatsRegion::read_file(&p).unwrap();
         assert_eq!(rows, r.snapshot());
         assert_eq!(rows.len(), 2);
@@ -406,6 +426,8 @@ mod tests {
         let w = &rows[1].ops[1];
         assert_eq!((w.buckets[2], w.overflow, w.count, w.errors), (1, 1, 2, 1));
         assert_eq!(w.sum_ns, 20_000_003_000);
+        let rtt = &rows[0].backend_rtt;
+        assert_eq!((rtt.buckets[9], rtt.count, rtt.sum_ns), (1, 1, 700_000));
         let _ = std::fs::remove_file(p);
     }
 }

@@ -8,7 +8,7 @@ use ublk_fast_engine::uapi::{
     feature_names, feature_uapi_name, state_name, ublksrv_ctrl_dev_info, UBLK_S_DEV_LIVE,
 };
 
-use ublk_fast_engine::stats::{StatsRegion, COUNTER_NAMES};
+use ublk_fast_engine::stats::{QueueSnapshot, StatsRegion, COUNTER_NAMES};
 
 use crate::record::{self, Record};
 use crate::CliError;
@@ -64,26 +64,29 @@ fn queue_oldest_io_ms(id: u32) -> Vec<u64> {
 }
 
 /// Sums the per-queue counters of a daemon's stats file (the oldest request's age: the
-/// largest).
+/// largest), plus the server round trips of remote targets (`backend_rtt_count`, and their
+/// total in `backend_rtt_ns`).
 fn stats(id: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
     let rows = StatsRegion::read_file(&record::stats_path(id))?;
-    Some(
-        COUNTER_NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let v = rows.iter().map(|r| r.counters[i]);
-                (
-                    *n,
-                    if *n == "oldest_io_ns" {
-                        v.max().unwrap_or(0)
-                    } else {
-                        v.fold(0u64, u64::wrapping_add)
-                    },
-                )
-            })
-            .collect(),
-    )
+    let mut m: std::collections::BTreeMap<&'static str, u64> = COUNTER_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let v = rows.iter().map(|r| r.counters[i]);
+            (
+                *n,
+                if *n == "oldest_io_ns" {
+                    v.max().unwrap_or(0)
+                } else {
+                    v.fold(0u64, u64::wrapping_add)
+                },
+            )
+        })
+        .collect();
+    let rtt = |f: fn(&QueueSnapshot) -> u64| rows.iter().map(f).fold(0u64, u64::wrapping_add);
+    m.insert("backend_rtt_count", rtt(|r| r.backend_rtt.count));
+    m.insert("backend_rtt_ns", rtt(|r| r.backend_rtt.sum_ns));
+    Some(m)
 }
 
 fn no_such_device(id: u32) -> CliError {

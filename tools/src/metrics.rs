@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 
-use ublk_fast_engine::stats::{QueueSnapshot, StatsRegion, LAT_BOUNDS_NS, OP_NAMES};
+use ublk_fast_engine::stats::{OpSnapshot, QueueSnapshot, StatsRegion, LAT_BOUNDS_NS, OP_NAMES};
 
 use crate::CliError;
 
@@ -221,18 +221,21 @@ pub fn render(devs: &[DeviceMeta]) -> String {
     for (d, snap) in devs.iter().zip(&snaps) {
         for (q, s) in snap.iter().enumerate() {
             for (o, op) in OP_NAMES.iter().enumerate() {
-                let h = &s.ops[o];
                 let l = format!("{},queue=\"{q}\",op=\"{op}\"", d.labels());
-                let mut cum = 0;
-                for (b, bound) in LAT_BOUNDS_NS.iter().enumerate() {
-                    cum += h.buckets[b];
-                    let le = *bound as f64 / 1e9;
-                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"{le}\"}} {cum}");
-                }
-                let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", cum + h.overflow);
-                let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum_ns as f64 / 1e9);
-                let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
+                histogram(&mut out, name, &l, &s.ops[o]);
             }
+        }
+    }
+    // Only remote targets have a server to time.
+    let name = "ublk_fast_backend_rtt_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Remote targets (nbd): a request's round trip to its server, from its last byte sent to its reply."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (d, snap) in devs.iter().zip(&snaps).filter(|(d, _)| d.target == "nbd") {
+        for (q, s) in snap.iter().enumerate() {
+            histogram(&mut out, name, &format!("{},queue=\"{q}\"", d.labels()), &s.backend_rtt);
         }
     }
     let name = "ublk_fast_device_info";
@@ -252,6 +255,19 @@ pub fn render(devs: &[DeviceMeta]) -> String {
         );
     }
     out
+}
+
+/// One histogram's samples: cumulative buckets (seconds), sum and count.
+fn histogram(out: &mut String, name: &str, labels: &str, h: &OpSnapshot) {
+    let mut cum = 0;
+    for (b, bound) in LAT_BOUNDS_NS.iter().enumerate() {
+        cum += h.buckets[b];
+        let le = *bound as f64 / 1e9;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", cum + h.overflow);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_ns as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
 }
 
 /// Serves `/metrics` on its own thread until the process exits (`http`: bounded connections,
@@ -291,7 +307,28 @@ mod tests {
             cpus: vec![0, 1],
             stats,
         };
-        let t = render(&[d]);
+        let n = DeviceMeta {
+            id: 4,
+            target: "nbd".into(),
+            backing: "nbd://h/e".into(),
+            queues: 1,
+            depth: 64,
+            zero_copy: "off",
+            cpus: vec![0],
+            stats: Arc::new(StatsRegion::create(None, 1).unwrap()),
+        };
+        n.stats.queue(0).backend_rtt.record(700_000, false);
+        let t = render(&[d, n]);
+        let r = "ublk_fast_backend_rtt_seconds";
+        assert!(
+            t.contains(&format!(
+                "{r}_bucket{{dev=\"4\",device=\"ublkb4\",queue=\"0\",le=\"0.001\"}} 1\n"
+            )),
+            "{t}"
+        );
+        assert!(t.contains(&format!("{r}_count{{dev=\"4\",device=\"ublkb4\",queue=\"0\"}} 1\n")));
+        // Only remote targets have a round trip to show.
+        assert!(!t.contains(&format!("{r}_count{{dev=\"3\"")));
         assert!(t.contains(
             "ublk_fast_written_bytes_total{dev=\"3\",device=\"ublkb3\",queue=\"1\"} 8192\n"
         ));
@@ -310,7 +347,7 @@ mod tests {
         // Every family has HELP and TYPE, and every sample line belongs to a declared family.
         let families: Vec<&str> =
             t.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-        assert_eq!(families.len(), COUNTERS.len() + 3);
+        assert_eq!(families.len(), COUNTERS.len() + 4);
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             assert!(families.iter().any(|f| l.starts_with(f)), "undeclared sample {l}");
         }

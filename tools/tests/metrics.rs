@@ -159,13 +159,14 @@ fn every_declared_metric_is_updated_by_its_code_path() {
         // A gauge of requests in flight is 0 whenever the device is idle, as now; zero-copy
         // fallbacks happen only when the driver fails to register a request's pages, which
         // nothing here can provoke (the counter is checked to exist, and unit-tested); an
-        // unexpected completion is an engine bug and must stay 0. The backend connection
-        // families belong to remote targets (nbd: tools/tests/nbd.rs moves them), not the loop
-        // and null devices here.
+        // unexpected completion is an engine bug and must stay 0. The backend connection and
+        // round-trip families belong to remote targets (nbd: tools/tests/nbd.rs moves them),
+        // not the loop and null devices here.
         if name == "ublk_fast_io_now"
             || name == "ublk_fast_zero_copy_fallbacks_total"
             || name.starts_with("ublk_fast_backend_connected")
             || name.starts_with("ublk_fast_backend_re")
+            || name.starts_with("ublk_fast_backend_rtt")
             || name.starts_with("ublk_fast_poll_")
             || name == "ublk_fast_slow_ios_total"
             || name == "ublk_fast_oldest_io_seconds"

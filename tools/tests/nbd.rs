@@ -173,6 +173,12 @@ fn nbdkit_over_tcp_and_unix_every_byte_right() {
             "{transport}: first read"
         );
         let ios = fio_verify(&dev.path, "32M");
+        // Replies time the server's round trip (one whose send CQE is reaped after it, in
+        // the same turn, goes untimed: hence not all).
+        let (n, ns) = (dev.stat("backend_rtt_count"), dev.stat("backend_rtt_ns"));
+        assert!(n > ios / 2, "{transport}: {n} round trips timed for {ios} I/Os");
+        assert!(ns > 0 && ns / n < 10_000_000_000, "{transport}: {ns} ns over {n} round trips");
+        println!("{transport}: {n} server round trips timed, mean {} µs", ns / n / 1000);
         let seen = sha256(&dev.path, 128 << 20);
         dev.del();
         drop(server);

@@ -88,6 +88,9 @@ struct Slot {
     /// Payload bytes that follow the header (writes).
     data: u32,
     ok: i32,
+    /// When its last byte went out on the current connection (the core's turn time, ns);
+    /// 0: not yet. Its reply then times the server's round trip.
+    sent_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +188,7 @@ impl NbdQueue {
             hdr: [0; wire::REQUEST_LEN],
             data: 0,
             ok: 0,
+            sent_ns: 0,
         };
         let iov0 = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
         // SAFETY: msghdr is plain old data; all-zero is its empty value.
@@ -357,8 +361,8 @@ impl NbdQueue {
         }
     }
 
-    /// `n` bytes of the send queue went out.
-    fn sent(&mut self, mut n: usize) {
+    /// `n` bytes of the send queue went out (seen at `now`).
+    fn sent(&mut self, mut n: usize, now: u64) {
         while n > 0 {
             let Some(&tag) = self.txq.front() else { break };
             if tag == OWN {
@@ -385,6 +389,7 @@ impl NbdQueue {
             // Its reply may have come first (the CQEs of one turn are not ordered).
             if s.phase == Phase::Queued {
                 s.phase = Phase::Sent;
+                s.sent_ns = now;
             }
         }
     }
@@ -476,6 +481,7 @@ impl NbdQueue {
         for (t, s) in self.slots.iter_mut().enumerate() {
             if s.phase != Phase::Idle {
                 s.phase = Phase::Queued;
+                s.sent_ns = 0;
                 self.order.push(t as u16);
             }
         }
@@ -778,6 +784,10 @@ impl Book for Answers<'_> {
             return;
         }
         if let Some(s) = self.slots.get_mut(usize::from(tag)) {
+            if s.phase != Phase::Idle && s.sent_ns != 0 {
+                let rtt = self.io.now_ns().saturating_sub(s.sent_ns);
+                self.io.stats().backend_rtt.record(rtt, res < 0);
+            }
             s.phase = Phase::Idle;
             self.io.finish(tag, res);
         }
@@ -801,6 +811,7 @@ impl QueueHandler for NbdQueue {
         s.phase = Phase::Queued;
         s.handle = handle;
         s.seq = self.seq;
+        s.sent_ns = 0;
         s.data = data;
         s.ok = if matches!(cmd, wire::CMD_READ | wire::CMD_WRITE) { req.bytes() as i32 } else { 0 };
         let (off, len) = if cmd == wire::CMD_FLUSH { (0, 0) } else { (req.offset(), req.bytes()) };
@@ -839,7 +850,7 @@ impl QueueHandler for NbdQueue {
                 } else if res <= 0 {
                     return self.lose(io, &failure(res, "the send made no progress"));
                 } else {
-                    self.sent(res as usize);
+                    self.sent(res as usize, io.now_ns());
                 }
                 if self.tx_ops > 0 {
                     return;
