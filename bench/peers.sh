@@ -148,11 +148,12 @@ CMD[kublk-loop]="$K add -t loop -q $NQ -d $DEPTH -n $KUBLK_ID --quiet $IMG"
 CMD[kublk-loop-autozc]="$K add -t loop -q $NQ -d $DEPTH -n $KUBLK_ID --auto_zc --quiet $IMG"
 
 # A FUSE server started in the background, then the kernel loop driver (direct I/O) on FILE, a
-# file of its mount: sets DPID and DEV, or returns 1.
+# file of its mount: sets DPID and DEV, or returns 1 (the caller has set CUR: the server is
+# stopped with the peer either way).
 fuse_loop() { # FILE server-command...
   local f=$1; shift
   "$@" 2>>"$W/fuse-file.log" &
-  DPID=$!; CUR=$p
+  DPID=$!
   # The server mounts, then serves: the file shows once it answers lookups.
   for _ in $(seq 100); do [ -f "$f" ] && break; kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
   [ -f "$f" ] || { cat "$W/fuse-file.log" >&2; return 1; }
@@ -164,9 +165,9 @@ setup() { # peer -> sets CUR DEV DPID, or returns 1
     null_blk) DEV=/dev/nullb0; [ -b $DEV ] || return 1 ;;
     kernel-loop) DEV=$(${CMD[$p]}) || return 1 ;;
     uf-*) DEV=$(${CMD[$p]}) || return 1 ;;
-    fuse-loop) mkdir -p "$MNT"
+    fuse-loop) mkdir -p "$MNT"; CUR=$p
       fuse_loop "$MNT/disk" "$F" --backing "$IMG" --mountpoint "$MNT" --threads "$NQ" || return 1 ;;
-    fuse-uring-loop) mkdir -p "$HMNT"
+    fuse-uring-loop) mkdir -p "$HMNT"; CUR=$p
       fuse_loop "$HMNT/$(basename "$IMG")" "$H" --foreground --nopassthrough --direct-io -o io_uring \
         -o "io_uring_q_depth=$HQD" "$(dirname "$IMG")" "$HMNT" || return 1
       # libfuse falls back to /dev/fuse without a word when the kernel offers no ring: then
