@@ -2,33 +2,14 @@
 # peers, fetched (never installed) into $P/debs through download-only apt configurations of
 # our own under $P. The caller sets P (the peers' directory) and WHO (its name, for messages).
 
-# A download-only apt configuration at DIR whose one source is LINE (a sources.list line),
-# its lists fetched.
-mkaptconf() { # DIR LINE
-  local d=$1 line=$2
-  mkdir -p "$d/etc/sources.list.d" "$d/etc/preferences.d" "$d/lists/partial" \
-    "$d/cache/archives/partial"
-  touch "$d/status"
-  echo "$line" > "$d/etc/sources.list"
-  cat > "$d/apt.conf" <<CONF
-Dir::Etc::SourceList "$d/etc/sources.list";
-Dir::Etc::SourceParts "$d/etc/sources.list.d";
-Dir::Etc::Preferences "$d/etc/preferences";
-Dir::Etc::PreferencesParts "$d/etc/preferences.d";
-Dir::State::Lists "$d/lists";
-Dir::State::status "$d/status";
-Dir::Cache "$d/cache";
-APT::Architecture "amd64";
-Acquire::Languages "none";
-CONF
-  APT_CONFIG=$d/apt.conf apt-get update >/dev/null
-}
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../tools/vm/apt-private.sh"
 
 # The configuration for one Debian suite (deb or deb-src, main), made at $P/DIR if missing.
 debian_suite() { # DIR deb|deb-src SUITE
   [ -f "$P/$1/apt.conf" ] && return 0
   echo "$WHO: making a download-only apt configuration for $3 $2 at $P/$1"
-  mkaptconf "$P/$1" "$2 [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $3 main"
+  apt_private "$P/$1" "$2 [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $3 main"
+  APT_CONFIG=$P/$1/apt.conf apt-get update >/dev/null
 }
 
 # apt-get (download, or source --download-only) run in $P/debs; on failure the lists are

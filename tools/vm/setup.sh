@@ -20,6 +20,7 @@
 set -euo pipefail
 SETUP_VERSION=1
 HERE=$(dirname "$(readlink -f "$0")")
+. "$HERE/apt-private.sh"
 W=${UBLK_FAST_VM_DIR:-/var/tmp/ublk-fast-vm}
 SUITE=${SUITE:-trixie-backports}
 FLAVOUR=${FLAVOUR:-cloud-amd64}
@@ -112,23 +113,11 @@ if [ -z "${MIRROR:-}" ]; then
   [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
 fi
 A=$W/apt
-mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/etc/sources.list.d" "$A/etc/preferences.d"
-touch "$A/status" "$A/etc/preferences"
-: > "$A/etc/sources.list"
+lines=()
 for s in $(echo "$SUITE bookworm-backports" | tr ' ' '\n' | sort -u); do
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $s main" >> "$A/etc/sources.list"
+  lines+=("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $s main")
 done
-cat > "$A/apt.conf" <<EOF
-Dir::Etc::SourceList "$A/etc/sources.list";
-Dir::Etc::SourceParts "$A/etc/sources.list.d";
-Dir::Etc::Preferences "$A/etc/preferences";
-Dir::Etc::PreferencesParts "$A/etc/preferences.d";
-Dir::State::Lists "$A/lists";
-Dir::State::status "$A/status";
-Dir::Cache "$A/cache";
-APT::Architecture "amd64";
-Acquire::Languages "none";
-EOF
+apt_private "$A" "${lines[@]}"
 export APT_CONFIG=$A/apt.conf
 apt-get update -qq
 
