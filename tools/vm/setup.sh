@@ -42,15 +42,29 @@ INIT_SUM=$(sha256sum "$HERE/init" | cut -c1-16)
 STAMP_WANT="setup=$SETUP_VERSION suite=$SUITE flavour=$FLAVOUR qemu10=$QEMU10"
 
 # ---- host packages: dpkg -s each, apt-get only when something is missing
-missing=""
-for p in $HOST_PKGS; do
-  dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
-done
+missing_pkgs() {
+  local p m=""
+  for p in $HOST_PKGS; do
+    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || m="$m $p"
+  done
+  echo "$m"
+}
+missing=$(missing_pkgs)
 if [ -n "$missing" ]; then
   step "host packages: installing$missing"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  # apt may remove an installed package to satisfy a new one: a host with a newer qemu-utils
+  # (e.g. from bookworm-backports) loses it to Debian's older qemu-system-x86. Install again
+  # what is gone, in the version that fits.
+  gone=$(missing_pkgs)
+  if [ -n "$gone" ]; then
+    step "host packages: apt removed$gone to install the others; installing it again"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $gone >/dev/null
+    gone=$(missing_pkgs)
+    [ -z "$gone" ] || { echo "setup: cannot install$gone alongside the others; install them by hand" >&2; exit 1; }
+  fi
 else
   step "host packages: all installed"
 fi
