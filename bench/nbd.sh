@@ -20,20 +20,7 @@ JOBS=${JOBS:-"randread:4k:1 randread:4k:64 randwrite:4k:1 randwrite:4k:64 read:1
 IMG=/tmp/bench-nbd.img
 truncate -s 1G $IMG
 
-SRV_PID=
-start_server() { # nbdkit | qemu-nbd
-  case $1 in
-    nbdkit) nbdkit -f -i 127.0.0.1 -p 10809 -e disk memory 1G & ;;
-    qemu-nbd) qemu-nbd -p 10809 -b 127.0.0.1 -x disk -f raw --persistent --shared=16 $IMG & ;;
-  esac
-  SRV_PID=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/10809) 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nbd.sh: $1 did not come up" >&2; exit 1
-}
-stop_server() { kill "$SRV_PID"; wait "$SRV_PID" 2>/dev/null || true; }
+. "$(dirname "$(readlink -f "$0")")/nbd-server.sh"
 
 busy_total() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 run_fio() { # dev job run peer server
@@ -48,7 +35,7 @@ run_fio() { # dev job run peer server
 }
 
 for server in nbdkit qemu-nbd; do
-  start_server $server
+  nbd_server_start $server $IMG
   # Fill the export once, so reads read data (not holes) on both peers.
   DEV=$($B nbd nbd://127.0.0.1:10809/disk)
   fio --name=fill --filename="$DEV" --ioengine=io_uring --direct=1 --rw=write --bs=1m --iodepth=8 \
@@ -65,13 +52,13 @@ for server in nbdkit qemu-nbd; do
         ublk-fast) DEV=$($B nbd nbd://127.0.0.1:10809/disk) ;;
         ublk-fast-zc) DEV=$($B nbd nbd://127.0.0.1:10809/disk --zero-copy on) ;;
         ublk-fast-poll) DEV=$($B nbd nbd://127.0.0.1:10809/disk --poll-us "$POLL") ;;
-        kernel-nbd) nbd-client -N disk 127.0.0.1 10809 /dev/nbd0 -C "$Q" -b 4096 >/dev/null; DEV=/dev/nbd0 ;;
+        kernel-nbd) knbd_attach "$Q"; DEV=/dev/nbd0 ;;
       esac
       for j in $JOBS; do run_fio "$DEV" "$j" "$run" "$peer" "$server"; echo "$server run $run $peer $j done"; done
-      if [ "$peer" = kernel-nbd ]; then nbd-client -d /dev/nbd0 >/dev/null; else $B del -n "${DEV#/dev/ublkb}"; fi
+      if [ "$peer" = kernel-nbd ]; then knbd_detach; else $B del -n "${DEV#/dev/ublkb}"; fi
     done
   done
-  stop_server
+  nbd_server_stop
 done
 
 python3 - "$W" "$OUT" "$RUNS" "$RT" "$JOBS" "$CPUS" "$PEERS" "${POLL:-}" <<'PY'

@@ -25,8 +25,8 @@ case $BACKING in
     mkfs.ext4 -q -F /dev/ram0 && mkdir -p $FS && mount /dev/ram0 $FS ;;
   nbd) IMG=/tmp/prof-backing.img
     modprobe nbd nbds_max=2
-    nbdkit -f -i 127.0.0.1 -p 10809 -e disk memory 1G & NBDKIT=$!
-    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/10809) 2>/dev/null && break; sleep 0.1; done ;;
+    . "$(dirname "$(readlink -f "$0")")/nbd-server.sh"
+    nbd_server_start nbdkit ;;
   *) echo "profile: BACKING=$BACKING: tmpfs, ext4 or nbd" >&2; exit 2 ;;
 esac
 modprobe null_blk queue_mode=2 nr_devices=1 gb=1 irqmode=0 submit_queues="$(nproc)" hw_queue_depth=128
@@ -35,7 +35,7 @@ modprobe null_blk queue_mode=2 nr_devices=1 gb=1 irqmode=0 submit_queues="$(npro
 cleanup() {
   set +e; "$B" del --all >/dev/null 2>&1; losetup -D; rmmod null_blk; rm -rf "$W" $IMG
   [ "$BACKING" = ext4 ] && { umount $FS; rmdir $FS; rmmod brd; }
-  [ "$BACKING" = nbd ] && { kill "$NBDKIT"; wait "$NBDKIT"; }
+  [ "$BACKING" = nbd ] && nbd_server_stop
 }
 trap cleanup EXIT
 # case: name|device setup|fio rw|bs|qd
@@ -82,7 +82,7 @@ while IFS='|' read -r name setup rw bs qd; do
     uf\ *) DEV=$($B ${setup#uf }) ;;
     nullb) DEV=/dev/nullb0 ;;
     kloop) DEV=$(losetup --direct-io=on -f --show $IMG) ;;
-    knbd) nbd-client -N disk 127.0.0.1 10809 /dev/nbd0 -C "$NQ" -b 4096 >/dev/null; DEV=/dev/nbd0 ;;
+    knbd) knbd_attach "$NQ"; DEV=/dev/nbd0 ;;
   esac
   fio --name=p --filename="$DEV" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
       --runtime=$((S + 3)) --time_based --size=1G --eta=never --output-format=json --output="$W/fio.json" >/dev/null &
@@ -105,7 +105,7 @@ while IFS='|' read -r name setup rw bs qd; do
   case $setup in
     uf\ *) $B del -n "${DEV#/dev/ublkb}" ;;
     kloop) losetup -d "$DEV" ;;
-    knbd) nbd-client -d /dev/nbd0 >/dev/null ;;
+    knbd) knbd_detach ;;
   esac
   echo "profile: $name done" >&2
 done <<< "$CASES"
