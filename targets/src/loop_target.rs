@@ -402,13 +402,9 @@ impl Target for LoopTarget {
     }
 
     fn queue_handler(&self, _q: u16, depth: u16) -> Result<Box<dyn QueueHandler>> {
-        let n = usize::from(depth);
         Ok(Box::new(LoopQueue {
             meta: self.integrity(),
-            meta_busy: vec![false; n],
-            meta_err: vec![0; n],
-            data_res: vec![None; n],
-            done: vec![0; usize::from(depth)],
+            tags: vec![TagState::default(); usize::from(depth)],
             is_blkdev: self.is_blkdev,
             no_blk_discard: false,
             fixed_file: None,
@@ -428,16 +424,23 @@ mod sub {
     pub const META: u8 = 5;
 }
 
+/// What a loop queue remembers of one tag's request between its completions.
+#[derive(Clone, Copy, Default)]
+struct TagState {
+    /// Bytes already transferred for the current READ/WRITE.
+    done: u32,
+    /// With metadata: its operation is in flight; the first error of the two halves; the data
+    /// half's result once it finished first.
+    meta_busy: bool,
+    meta_err: i32,
+    data_res: Option<i32>,
+}
+
 struct LoopQueue {
     /// The device's metadata layout, if it has metadata.
     meta: Option<Integrity>,
-    /// Per tag: its metadata operation is in flight; the first error of the two halves; the
-    /// data half's result once it finished first.
-    meta_busy: Vec<bool>,
-    meta_err: Vec<i32>,
-    data_res: Vec<Option<i32>>,
-    /// Bytes already transferred for each tag's current READ/WRITE.
-    done: Vec<u32>,
+    /// Indexed by tag.
+    tags: Vec<TagState>,
     is_blkdev: bool,
     /// The kernel refused BLOCK_URING_CMD_DISCARD once (older than 6.12): discards fail fast.
     no_blk_discard: bool,
@@ -447,9 +450,9 @@ struct LoopQueue {
 }
 
 impl LoopQueue {
-    /// Queues the rest of a READ/WRITE: from `done[tag]` to the end of the request.
+    /// Queues the rest of a READ/WRITE: from the tag's `done` to the end of the request.
     fn push_rw(&mut self, req: &Request, io: &mut dyn Submit) {
-        let done = self.done[usize::from(req.tag)];
+        let done = self.tags[usize::from(req.tag)].done;
         let len = req.bytes() as u32 - done;
         let off = req.offset() + u64::from(done);
         let fua = req.desc.op() == UBLK_IO_OP_WRITE && req.desc.flags() & UBLK_IO_F_FUA != 0;
@@ -523,7 +526,7 @@ impl LoopQueue {
             }
             _ => return,
         };
-        self.meta_busy[t] = true;
+        self.tags[t].meta_busy = true;
         // SAFETY: `req.meta..+meta_len` is the tag's metadata buffer, which the engine keeps
         // alive and untouched until the request is committed; an fsync references no memory.
         unsafe { io.push(req, sub::META, sqe) };
@@ -533,11 +536,13 @@ impl LoopQueue {
     fn join(&mut self, tag: u16, flow: Flow) -> Flow {
         let t = usize::from(tag);
         match flow {
-            Flow::Done(r) if self.meta_busy[t] => {
-                self.data_res[t] = Some(r);
+            Flow::Done(r) if self.tags[t].meta_busy => {
+                self.tags[t].data_res = Some(r);
                 Flow::Pending
             }
-            Flow::Done(r) if r >= 0 && self.meta_err[t] < 0 => Flow::Done(self.meta_err[t]),
+            Flow::Done(r) if r >= 0 && self.tags[t].meta_err < 0 => {
+                Flow::Done(self.tags[t].meta_err)
+            }
             f => f,
         }
     }
@@ -545,12 +550,12 @@ impl LoopQueue {
     /// The metadata half finished.
     fn meta_done(&mut self, req: &Request, res: i32) -> Flow {
         let t = usize::from(req.tag);
-        self.meta_busy[t] = false;
+        self.tags[t].meta_busy = false;
         let want = if req.desc.op() == UBLK_IO_OP_FLUSH { 0 } else { req.meta_len as i32 };
         if res != want {
-            self.meta_err[t] = if res < 0 { res } else { -libc::EIO };
+            self.tags[t].meta_err = if res < 0 { res } else { -libc::EIO };
         }
-        match self.data_res[t].take() {
+        match self.tags[t].data_res.take() {
             Some(r) => self.join(req.tag, Flow::Done(r)),
             // The data half is still in flight.
             None => Flow::Pending,
@@ -569,8 +574,8 @@ impl LoopQueue {
 impl QueueHandler for LoopQueue {
     fn start(&mut self, req: &Request, io: &mut dyn Submit) -> Flow {
         if self.meta.is_some() {
-            let t = usize::from(req.tag);
-            (self.meta_busy[t], self.meta_err[t], self.data_res[t]) = (false, 0, None);
+            let t = &mut self.tags[usize::from(req.tag)];
+            (t.meta_busy, t.meta_err, t.data_res) = (false, 0, None);
         }
         let flow = self.start_data(req, io);
         if flow == Flow::Pending && self.meta.is_some() {
@@ -618,7 +623,7 @@ impl LoopQueue {
                 if req.bytes() > req.buf_len || req.bytes() == 0 {
                     return Flow::Done(-libc::EINVAL);
                 }
-                self.done[usize::from(req.tag)] = 0;
+                self.tags[usize::from(req.tag)].done = 0;
                 self.push_rw(req, io);
                 Flow::Pending
             }
@@ -666,8 +671,8 @@ impl LoopQueue {
                     return Flow::Done(-libc::EIO);
                 }
                 let tag = usize::from(req.tag);
-                self.done[tag] += res as u32;
-                if (self.done[tag] as usize) < req.bytes() {
+                self.tags[tag].done += res as u32;
+                if (self.tags[tag].done as usize) < req.bytes() {
                     self.push_rw(req, io);
                     return Flow::Pending;
                 }

@@ -146,8 +146,7 @@ impl Target for StripeTarget {
             chunk: u64::from(self.chunk),
             done: vec![0; usize::from(depth) * max_pieces],
             max_pieces,
-            left: vec![0; usize::from(depth)],
-            err: vec![0; usize::from(depth)],
+            tags: vec![StripeTag::default(); usize::from(depth)],
         }))
     }
 }
@@ -167,9 +166,15 @@ struct StripeQueue {
     /// Bytes done of each piece of each tag's current request (`max_pieces` per tag).
     done: Vec<u32>,
     max_pieces: usize,
-    /// Operations of each tag's request still in flight, and its first error (0: none).
-    left: Vec<u16>,
-    err: Vec<i32>,
+    /// Indexed by tag.
+    tags: Vec<StripeTag>,
+}
+
+/// One tag's request: its operations still in flight, and its first error (0: none).
+#[derive(Clone, Copy, Default)]
+struct StripeTag {
+    left: u16,
+    err: i32,
 }
 
 /// One piece of a request: where it lies on its member and in the request's buffer.
@@ -218,7 +223,7 @@ impl StripeQueue {
             };
             opcode::Fallocate::new(f, p.len).offset(p.member_off).mode(mode).build()
         };
-        self.left[usize::from(req.tag)] += 1;
+        self.tags[usize::from(req.tag)].left += 1;
         // SAFETY: neither command references memory.
         unsafe { io.push(req, k as u8, sqe) };
     }
@@ -245,7 +250,7 @@ impl StripeQueue {
             (None, true) => opcode::Read::new(f, at, len).offset(off).build(),
             (None, false) => opcode::Write::new(f, at, len).offset(off).rw_flags(rw_flags).build(),
         };
-        self.left[usize::from(req.tag)] += 1;
+        self.tags[usize::from(req.tag)].left += 1;
         // SAFETY: `at..at+len` lies inside the request's data (buf_off + done + len <= bytes,
         // checked against the buffer when the request started): the tag's buffer, kept by the
         // engine until we finish, or (zero copy) the request's pages, registered until commit.
@@ -266,16 +271,16 @@ impl QueueHandler for StripeQueue {
                 }
                 let base = usize::from(req.tag) * self.max_pieces;
                 self.done[base..base + n as usize].fill(0);
-                self.err[usize::from(req.tag)] = 0;
+                self.tags[usize::from(req.tag)].err = 0;
                 for k in 0..n {
                     self.push_piece(req, k, io);
                 }
                 Flow::Pending
             }
             UBLK_IO_OP_FLUSH => {
-                self.err[usize::from(req.tag)] = 0;
+                self.tags[usize::from(req.tag)].err = 0;
                 for m in 0..self.members as u32 {
-                    self.left[usize::from(req.tag)] += 1;
+                    self.tags[usize::from(req.tag)].left += 1;
                     let sqe =
                         opcode::Fsync::new(req.file(m)).flags(types::FsyncFlags::DATASYNC).build();
                     // SAFETY: fsync references no memory.
@@ -288,7 +293,7 @@ impl QueueHandler for StripeQueue {
                 if req.bytes() == 0 || n as usize > self.max_pieces || n >= u64::from(FLUSH) {
                     return Flow::Done(-libc::EINVAL);
                 }
-                self.err[usize::from(req.tag)] = 0;
+                self.tags[usize::from(req.tag)].err = 0;
                 for k in 0..n {
                     self.push_trim(req, k, io);
                 }
@@ -300,27 +305,27 @@ impl QueueHandler for StripeQueue {
 
     fn complete(&mut self, req: &Request, sub: u8, res: i32, io: &mut dyn Submit) -> Flow {
         let t = usize::from(req.tag);
-        self.left[t] -= 1;
+        self.tags[t].left -= 1;
         let rw = matches!(req.desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE);
         // A fallocate or discard returns 0; a read or write of 0 bytes is EOF.
         if res < 0 || (res == 0 && rw) {
             // A failed piece fails the request (EOF inside the device: the member shrank).
-            if self.err[t] == 0 {
-                self.err[t] = if res == 0 { -libc::EIO } else { res };
+            if self.tags[t].err == 0 {
+                self.tags[t].err = if res == 0 { -libc::EIO } else { res };
             }
         } else if sub != FLUSH && rw {
             let k = u64::from(sub);
             let len = self.piece(req, k).len;
             let d = &mut self.done[t * self.max_pieces + k as usize];
             *d += res as u32;
-            if u64::from(*d) < len && self.err[t] == 0 {
+            if u64::from(*d) < len && self.tags[t].err == 0 {
                 self.push_piece(req, k, io);
             }
         }
-        if self.left[t] > 0 {
+        if self.tags[t].left > 0 {
             return Flow::Pending;
         }
-        match self.err[t] {
+        match self.tags[t].err {
             0 if matches!(req.desc.op(), UBLK_IO_OP_READ | UBLK_IO_OP_WRITE) => {
                 Flow::Done(req.bytes() as i32)
             }
